@@ -1,0 +1,92 @@
+"""The embedded default: one sample, in-process, into a local directory in the Sparkle layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from sparkle import layout
+from sparkle.backends import Backends, load_backends
+from sparkle.config import PipelineConfig
+from sparkle.errors import InputError
+from sparkle.media import IMAGE_SUFFIXES, check_input_file, read_image, read_video
+from sparkle.store import ArtifactStore, LocalStore, staging_prefix
+
+from .pipeline import SampleTask, StageEnv, run_sample
+
+
+def _existing_indices(store: ArtifactStore, edit_type: str) -> set[int]:
+    ids = {r["id"] for r in store.read_jsonl(layout.prompts_metadata(edit_type))}
+    ids |= {Path(k).stem for k in store.list_keys(f"reports/{edit_type}/")}
+    ids |= {k.split("/")[1] for k in store.list_keys("staging/")}
+    out = set()
+    for sid in ids:
+        try:
+            et, idx = layout.parse_sample_id(sid)
+        except ValueError:
+            continue
+        if et == edit_type:
+            out.add(idx)
+    return out
+
+
+def validate_inputs(video: str | Path, prompt: str, edit_type: str, background: str | Path | None) -> str:
+    """Check everything a user gives before anything is written. Returns the stripped prompt.
+
+    Raises InputError: empty prompt, unknown theme, missing/empty/undecodable video or background.
+    """
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise InputError("the prompt is empty: say what the new background should be")
+    try:
+        layout.check_edit_type(edit_type)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    read_video(video, max_frames=1)
+    if background is not None:
+        p = check_input_file(background, "background")
+        read_image(p) if p.suffix.lower() in IMAGE_SUFFIXES else read_video(p, max_frames=1)
+    return prompt
+
+
+def default_keyword(prompt: str) -> str:
+    """``chosen_keyword`` ("subtheme: scene") for a free-form prompt: ``"custom: <scene words>"``.
+
+    The scene is the text after "background with"/"with"/"into"/"to", up to the first comma.
+    """
+    low = prompt.lower()
+    for marker in ("background with ", " with ", " into ", " to "):
+        if marker in low:
+            scene = prompt[low.index(marker) + len(marker):]
+            break
+    else:
+        scene = prompt
+    scene = scene.split(",")[0].strip().rstrip(".").removeprefix("a ").removeprefix("an ").removeprefix("the ")
+    return f"custom: {scene or 'scene'}"
+
+
+def replace_one(video: str | Path, prompt: str, out_dir: str | Path, edit_type: str = "location",
+                background: str | Path | None = None, chosen_keyword: str | None = None, force: bool = False,
+                enforce_gates: bool = True, config: PipelineConfig | None = None, backends: Backends | None = None,
+                on_stage: Callable | None = None) -> tuple[SampleTask, LocalStore]:
+    """Replace the background of one video; returns the finished task and the store of ``out_dir``.
+
+    Raises InputError on bad input, before anything is written to ``out_dir``.
+    """
+    prompt = validate_inputs(video, prompt, edit_type, background)
+    config = config or PipelineConfig()
+    backends = backends or load_backends(config.profile)
+    store = LocalStore(out_dir)
+    video = Path(video)
+    with store.lock(f"sample-ids-{edit_type}"):
+        taken = _existing_indices(store, edit_type)
+        sid = layout.sample_id(edit_type, max(taken) + 1 if taken else 0)
+        source_key = store.put_file(staging_prefix(sid) + f"inputs/source{video.suffix.lower() or '.mp4'}", video)
+    background_key = None
+    if background is not None:
+        bg = Path(background)
+        background_key = store.put_file(staging_prefix(sid) + f"inputs/background{bg.suffix.lower()}", bg)
+    task = SampleTask(id=sid, edit_type=edit_type, prompt=prompt,
+                      chosen_keyword=None if edit_type == "openve3m" else (chosen_keyword or default_keyword(prompt)),
+                      source_key=source_key, background_key=background_key, force=force, enforce_gates=enforce_gates)
+    return run_sample(task, StageEnv(store, backends, config), on_stage), store

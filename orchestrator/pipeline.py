@@ -1,0 +1,347 @@
+"""A Sparkle sample's whole journey: stages 1-5, their gates and their records, top to bottom.
+
+A sample is a :class:`SampleTask`: references to artifacts in the store plus decisions, never pixels.
+Each stage function takes the task and a :class:`StageEnv` (store, backends, config) and returns the task;
+it reads its inputs from the store by reference and writes its outputs under ``staging/{id}/``. The same
+functions run in-process (the embedded default, :func:`run_sample`) and on queue workers. When the last
+stage accepts the sample, :func:`publish` moves the staged artifacts into the Sparkle layout and adds the
+records; a rejected or failed sample leaves nothing in the layout (a rejected one leaves its report).
+
+1. camera filter   optical flow + RANSAC homography at 2 FPS; a moving camera is refused (unless forced)
+2. frame-0 edit    image_edit.edit_background, gate: EditScore overall >= 8
+3. background      grounding round 1 on frame 0, image_edit.remove_foreground (gate: overall >= 8.5),
+                   i2v.animate the clean plate into the background video
+4. BAIT            grounding round 2 at 2 FPS, one tracking pass per anchor, majority vote -> mask
+5. synthesis       decoupled Canny control video, control.synthesize, gate: mean O_score >= 8 on
+                   frames [1, 26, 51, 76]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from sparkle import layout
+from sparkle.algorithms.bait import anchors_from_round2, run_bait
+from sparkle.algorithms.camera import check_fixed_camera
+from sparkle.algorithms.control import decoupled_canny
+from sparkle.backends import Backends, GroundedObject, SampleContext
+from sparkle.config import PipelineConfig
+from sparkle.masks import pack_mask, unpack_mask
+from sparkle.media import (IMAGE_SUFFIXES, Video, conform, read_image, read_video, sample_indices, write_png,
+                           write_video)
+from sparkle.store import ArtifactStore, staging_prefix
+
+REMOVAL_INSTRUCTION = "Remove {labels} from the image, leaving only the background."
+
+
+class StageDecision(BaseModel):
+    """What one stage decided: kept or not, why, the scores it decided on, and how long it took (s)."""
+
+    stage: int
+    name: str
+    accepted: bool
+    reason: str
+    scores: dict = Field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class SampleTask(BaseModel):
+    """One sample on its journey. Artifacts are store keys (``refs``), never bytes."""
+
+    id: str
+    edit_type: str
+    prompt: str
+    chosen_keyword: str | None = None
+    original_scene: str = ""
+    source_key: str  # the raw input video, as uploaded
+    background_key: str | None = None  # optional user background (image or video)
+    force: bool = False  # keep a clip the camera filter refuses
+    enforce_gates: bool = True  # False: gates are scored and recorded but do not reject
+    fps: float = 0.0
+    shape: tuple[int, int, int] | None = None  # conformed (T, H, W)
+    refs: dict[str, str] = Field(default_factory=dict)
+    records: dict[str, dict] = Field(default_factory=dict)
+    decisions: list[StageDecision] = Field(default_factory=list)
+    status: Literal["running", "accepted", "rejected"] = "running"
+    reason: str = ""
+
+    def staged(self, key: str) -> str:
+        """The staging key of layout key ``key``."""
+        return staging_prefix(self.id) + key
+
+
+@dataclass
+class StageEnv:
+    """What stages run with: the store, the six backends, the config, and a per-process decode cache."""
+
+    store: ArtifactStore
+    backends: Backends
+    config: PipelineConfig
+    _videos: dict[str, Video] = field(default_factory=dict)
+    _contexts: dict[str, SampleContext] = field(default_factory=dict)
+
+    def load_video(self, key: str) -> Video:
+        """Decode a stored video once per process."""
+        if key not in self._videos:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = self.store.get_file(key, Path(tmp) / PurePosixPath(key).name)
+                self._videos[key] = read_video(path)
+        return self._videos[key]
+
+    def load_image(self, key: str) -> np.ndarray:
+        with tempfile.TemporaryDirectory() as tmp:
+            return read_image(self.store.get_file(key, Path(tmp) / PurePosixPath(key).name))
+
+    def put_video(self, task: SampleTask, name: str, key: str, frames: np.ndarray) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_video(Path(tmp) / "v.mp4", frames, task.fps)
+            task.refs[name] = self.store.put_file(task.staged(key), path)
+        self._videos.pop(task.refs[name], None)
+
+    def put_image(self, task: SampleTask, name: str, key: str, image: np.ndarray) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            task.refs[name] = self.store.put_file(task.staged(key), write_png(Path(tmp) / "i.png", image))
+
+    def context(self, task: SampleTask) -> SampleContext:
+        """The sample's context, built from its stored source (and background) once per process."""
+        ctx = self._contexts.get(task.id)
+        if ctx is None:
+            background = None
+            if task.background_key:
+                if PurePosixPath(task.background_key).suffix.lower() in IMAGE_SUFFIXES:
+                    background = Video(self.load_image(task.background_key)[None], task.fps)
+                else:
+                    background = self.load_video(task.background_key)
+            ctx = SampleContext(task.id, task.prompt, self.load_video(task.refs["source_video"]), background)
+            self._contexts[task.id] = ctx
+        if ctx.mask is None and "mask" in task.refs:
+            ctx.mask = unpack_mask(self.store.get_bytes(task.refs["mask"]))
+        return ctx
+
+    def forget(self, task: SampleTask) -> None:
+        """Drop the sample's cached context and decoded videos (end of its journey in this process)."""
+        self._contexts.pop(task.id, None)
+        for key in [k for k in self._videos if k.startswith(staging_prefix(task.id))]:
+            del self._videos[key]
+
+
+def _decide(task: SampleTask, stage: int, name: str, accepted: bool, reason: str, started: float,
+            scores: dict | None = None, gate: bool = False) -> SampleTask:
+    """Record a decision; a refusal stops the journey (a gate only when gates are enforced)."""
+    if not accepted and gate and not task.enforce_gates:
+        reason += " (gates not enforced: kept)"
+        accepted_for_flow = True
+    else:
+        accepted_for_flow = accepted
+    task.decisions.append(StageDecision(stage=stage, name=name, accepted=accepted, reason=reason,
+                                        scores=scores or {}, seconds=round(time.perf_counter() - started, 3)))
+    if not accepted_for_flow:
+        task.status, task.reason = "rejected", f"stage {stage} ({name}): {reason}"
+    return task
+
+
+def _gate(value: float, threshold: float, what: str) -> tuple[bool, str]:
+    ok = value >= threshold
+    return ok, f"{what} {value:.2f} {'>=' if ok else '<'} {threshold}"
+
+
+# --- stage 0: the source, conformed ---------------------------------------------------------------------
+
+def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
+    """Conform the uploaded source (<= 81 frames, 4k+1, sides multiples of 16) and store it with frame 0.
+
+    Raises InputError for an undecodable or too short video.
+    """
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = env.store.get_file(task.source_key, Path(tmp) / PurePosixPath(task.source_key).name)
+        video = conform(read_video(raw, max_frames=env.config.conform.max_frames), env.config.conform)
+    task.fps, task.shape = video.fps, video.shape
+    env.put_video(task, "source_video", layout.source_video(task.edit_type, task.id), video.frames)
+    env.put_image(task, "source_frame0", layout.source_frame0(task.edit_type, task.id), video.frames[0])
+    t, h, w = video.shape
+    return _decide(task, 0, "ingest", True, f"conformed to {t} frames of {w}x{h} at {video.fps:g} fps", started)
+
+
+# --- stage 1: fixed-camera filter -----------------------------------------------------------------------
+
+def stage1_camera_filter(task: SampleTask, env: StageEnv) -> SampleTask:
+    started = time.perf_counter()
+    ctx = env.context(task)
+    d = check_fixed_camera(ctx.video.frames, ctx.video.fps, env.config.camera)
+    reason = d.reason
+    if not d.accepted and task.force:
+        reason = f"forced: {reason}"
+    return _decide(task, 1, "camera_filter", d.accepted or task.force, reason, started, d.as_dict())
+
+
+# --- stage 2: edit frame 0's background -----------------------------------------------------------------
+
+def stage2_edit_frame0(task: SampleTask, env: StageEnv) -> SampleTask:
+    started = time.perf_counter()
+    ctx, b = env.context(task), env.backends
+    frame0 = ctx.video.frames[0]
+    task.original_scene = b.grounding.describe_scene(ctx, frame0)
+    edited = b.image_edit.edit_background(ctx, frame0, task.prompt)
+    env.put_image(task, "edited_frame0", layout.edited_frame0(task.edit_type, task.id), edited)
+    score = b.editscore.score_image(ctx, frame0, edited, task.prompt, "edit_background")
+    task.records["edited_frame0_score"] = {"id": task.id, "prompt": task.prompt,
+                                           "editscore": score.model_dump(), "scorer": b.editscore.name}
+    ok, reason = _gate(score.overall, env.config.gates.frame0_edit_min_overall, "EditScore overall")
+    return _decide(task, 2, "frame0_edit", ok, reason, started, score.model_dump(), gate=True)
+
+
+# --- stage 3: ground, erase, animate --------------------------------------------------------------------
+
+def stage3_background_video(task: SampleTask, env: StageEnv) -> SampleTask:
+    started = time.perf_counter()
+    ctx, b = env.context(task), env.backends
+    frame0 = ctx.video.frames[0]
+    edited0 = env.load_image(task.refs["edited_frame0"])
+    objects = b.grounding.ground_round1(ctx, frame0, edited0)
+    task.records["foreground_grounding_r1"] = {
+        "id": task.id, "prompt": task.prompt, "edit_type": task.edit_type,
+        "round1_labels": [o.label for o in objects], "round1_objects": [o.model_dump() for o in objects]}
+    if not any(o.bbox_2d for o in objects):
+        return _decide(task, 3, "background_video", False, "grounding round 1 found no foreground on frame 0",
+                       started)
+    plate = b.image_edit.remove_foreground(ctx, edited0, objects)
+    env.put_image(task, "clean_plate", layout.clean_plate(task.edit_type, task.id), plate)
+    removal = REMOVAL_INSTRUCTION.format(labels=", ".join(o.label for o in objects))
+    score = b.editscore.score_image(ctx, edited0, plate, removal, "remove_foreground")
+    task.records["edited_frame0_foreground_removed_score"] = {
+        "id": task.id, "prompt": task.prompt, "editscore": score.model_dump(), "scorer": b.editscore.name}
+    ok, reason = _gate(score.overall, env.config.gates.fg_removal_min_overall, "EditScore overall")
+    if not ok and task.enforce_gates:
+        return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(), gate=True)
+    t, h, w = task.shape
+    background = b.i2v.animate(ctx, plate, task.prompt, t, task.fps)
+    if background.shape != (t, h, w, 3):
+        raise ValueError(f"i2v backend {b.i2v.name} returned {background.shape}, expected {(t, h, w, 3)}")
+    env.put_video(task, "background_video", layout.background_video(task.edit_type, task.id), background)
+    return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(), gate=True)
+
+
+# --- stage 4: BAIT ---------------------------------------------------------------------------------------
+
+def stage4_bait(task: SampleTask, env: StageEnv) -> SampleTask:
+    started = time.perf_counter()
+    ctx, b = env.context(task), env.backends
+    frames = ctx.video.frames
+    t, h, w = task.shape
+    r1 = task.records["foreground_grounding_r1"]
+    indices = sample_indices(t, task.fps, env.config.bait.anchor_fps)
+    frame_objects = b.grounding.ground_round2(ctx, frames[indices], indices, r1["round1_labels"])
+    task.records["foreground_grounding_r2"] = {
+        **r1, "frame_objects": [[o.model_dump() for o in objs] for objs in frame_objects]}
+    anchors, skipped = anchors_from_round2(indices, frame_objects, w, h)
+    if not anchors:
+        return _decide(task, 4, "bait", False, "no 2-FPS frame has a grounded box: no usable anchor", started)
+    mask = run_bait(b.tracking, ctx, frames, anchors, env.config.bait.tie_is_foreground)
+    task.refs["mask"] = env.store.put_bytes(task.staged(layout.mask(task.edit_type, task.id)), pack_mask(mask))
+    ctx.mask = mask
+    scores = {"anchors": [a.frame_index for a in anchors], "skipped": skipped,
+              "mask_fraction": round(float(mask.mean()), 4)}
+    if not mask.any():
+        return _decide(task, 4, "bait", False, "the majority-vote mask is empty", started, scores)
+    return _decide(task, 4, "bait", True, f"{len(anchors)} anchor passes voted ({len(skipped)} frames skipped)",
+                   started, scores)
+
+
+# --- stage 5: decoupled control, synthesis, video gate ---------------------------------------------------
+
+def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
+    started = time.perf_counter()
+    ctx, b, cfg = env.context(task), env.backends, env.config
+    source = ctx.video.frames
+    background = env.load_video(task.refs["background_video"]).frames
+    control = decoupled_canny(source, background, ctx.mask, cfg.control.canny_low, cfg.control.canny_high)
+    env.put_video(task, "canny_video", layout.canny_video(task.edit_type, task.id), control)
+    edited0 = env.load_image(task.refs["edited_frame0"])
+    edited = b.control.synthesize(ctx, control, background, edited0, ctx.mask, task.prompt)
+    if edited.shape != source.shape:
+        raise ValueError(f"control backend {b.control.name} returned {edited.shape}, expected {source.shape}")
+    env.put_video(task, "edited_video", layout.edited_video(task.edit_type, task.id), edited)
+    stored = env.load_video(task.refs["edited_video"]).frames  # judge what is published, after encoding
+    indices = [i for i in cfg.gates.video_frame_indices if i < len(stored)]
+    scores = b.editscore.score_frames(ctx, source, stored, indices, task.prompt)
+    task.records["edited_video_score"] = {"id": task.id, "prompt": task.prompt, "frame_indices": indices,
+                                          "editscore": [s.model_dump() for s in scores], "scorer": b.editscore.name}
+    mean_o = float(np.mean([s.O_score for s in scores]))
+    ok, reason = _gate(mean_o, cfg.gates.video_min_mean_o_score, "mean O_score")
+    return _decide(task, 5, "synthesis", ok, reason, started,
+                   {"mean_O_score": round(mean_o, 3), "O_scores": [s.O_score for s in scores]}, gate=True)
+
+
+STAGES: list[Callable[[SampleTask, StageEnv], SampleTask]] = [
+    ingest, stage1_camera_filter, stage2_edit_frame0, stage3_background_video, stage4_bait, stage5_synthesis]
+STAGE_NAMES = ["ingest", "camera_filter", "frame0_edit", "background_video", "bait", "synthesis"]
+
+
+# --- publish: the sample enters the Sparkle layout -------------------------------------------------------
+
+def publish(task: SampleTask, env: StageEnv) -> SampleTask:
+    """Move staged artifacts into the layout, then add the five records, the CSV row and the metadata."""
+    prefix = staging_prefix(task.id)
+    moves = {key: key[len(prefix):] for key in task.refs.values() if key.startswith(prefix)}
+    et, sid = task.edit_type, task.id
+    jsonl = {layout.record(et, name): [rec] for name, rec in task.records.items()}
+    metadata = {"edit_type": et, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene}
+    if et == "openve3m":
+        metadata = {"edit_type": "openve3m_background_change", "original_scene": task.original_scene}
+    jsonl[layout.prompts_metadata(et)] = [{"id": sid, "prompt": task.prompt, "metadata": metadata}]
+    row = {"prompt": task.prompt, "src_video": layout.source_video(et, sid), "tgt_video": layout.edited_video(et, sid),
+           "task": sid}
+    env.store.publish(moves, jsonl, {layout.prompts_csv(et): [row]}, layout.CSV_COLUMNS, "task")
+    task.refs = {name: moves.get(key, key) for name, key in task.refs.items()}
+    return task
+
+
+def run_sample(task: SampleTask, env: StageEnv,
+               on_stage: Callable[[str, str, SampleTask], None] | None = None) -> SampleTask:
+    """Run every stage in-process, then publish (accepted) or drop the staging area (rejected/failed).
+
+    ``on_stage(name, event, task)`` is called with event ``"start"`` and ``"end"`` for progress display.
+    A rejected sample's report is kept at ``reports/{edit_type}/{id}.json``; an exception (bad input,
+    backend failure) removes everything the sample staged and propagates.
+    """
+    try:
+        for name, stage in zip(STAGE_NAMES, STAGES):
+            if on_stage:
+                on_stage(name, "start", task)
+            task = stage(task, env)
+            if on_stage:
+                on_stage(name, "end", task)
+            if task.status != "running":
+                break
+        if task.status == "running":
+            task.status = "accepted"
+            task.reason = "accepted at every stage"
+            publish(task, env)
+        env.store.put_json(layout.report(task.edit_type, task.id), summary(task))
+        return task
+    finally:
+        env.store.delete_prefix(staging_prefix(task.id))
+        env.forget(task)
+
+
+def summary(task: SampleTask) -> dict:
+    """Machine-readable account of the sample: decisions, scores, artifact keys and timings (s)."""
+    timings = {d.name: d.seconds for d in task.decisions}
+    timings["total"] = round(sum(timings.values()), 3)
+    return {"id": task.id, "edit_type": task.edit_type, "status": task.status, "reason": task.reason,
+            "prompt": task.prompt, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene,
+            "shape": list(task.shape) if task.shape else None, "fps": task.fps,
+            "stages": [d.model_dump() for d in task.decisions],
+            "artifacts": {} if task.status != "accepted" else dict(task.refs), "timings": timings}
+
+
+__all__ = ["SampleTask", "StageEnv", "StageDecision", "STAGES", "STAGE_NAMES", "run_sample", "publish", "summary",
+           "GroundedObject"]

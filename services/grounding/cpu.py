@@ -1,0 +1,82 @@
+"""``cpu`` grounding backend: foreground boxes from motion against a temporal background model.
+
+It cannot name objects, so labels are ``"moving object 1"``, ``"moving object 2"``, ... in order of area on
+frame 0. Round 1 boxes the motion components of source frame 0. Round 2 re-locates every round-1 label
+on each 2-FPS frame by greedy matching of that frame's components to the label's last known box (highest
+IoU, else nearest centre within 1.5 box diagonals); a label with no match gets ``bbox_2d = []``, exactly
+as a VLM that does not find it.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from sparkle.algorithms.scene import scene_of
+from sparkle.backends import GroundedObject, SampleContext
+from sparkle.boxes import iou, to_normalised
+
+_HUES = [(10, "red"), (25, "orange"), (35, "yellow"), (85, "green"), (130, "blue"), (160, "purple"), (180, "red")]
+
+
+def _colour_name(rgb_pixels: np.ndarray) -> str:
+    hsv = cv2.cvtColor(rgb_pixels.reshape(-1, 1, 3), cv2.COLOR_RGB2HSV).reshape(-1, 3)
+    if np.median(hsv[:, 1]) < 50:
+        v = np.median(hsv[:, 2])
+        return "white" if v > 200 else "grey" if v > 70 else "black"
+    hue = np.median(hsv[:, 0])
+    return next(name for limit, name in _HUES if hue < limit)
+
+
+class CpuGrounder:
+    name = "cpu-motion-grounder"
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def describe_scene(self, ctx: SampleContext, image: np.ndarray) -> str:
+        """A factual sentence from measurements: brightness, dominant colours, number of moving objects."""
+        v = float(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).mean())
+        light = "bright" if v > 150 else "dim" if v < 70 else "evenly lit"
+        h = image.shape[0]
+        top, bottom = _colour_name(image[: h // 3]), _colour_name(image[2 * h // 3:])
+        n = len(scene_of(ctx).boxes(0))
+        subject = f"{n} moving foreground object{'s' if n != 1 else ''}" if n else "no moving foreground"
+        return f"A {light} fixed-camera shot, {top} tones above and {bottom} tones below, with {subject}."
+
+    def ground_round1(self, ctx, source_frame0, edited_frame0) -> list[GroundedObject]:
+        """Motion components of frame 0 as ``[{bbox_2d, label}]`` in 0..1000."""
+        h, w = source_frame0.shape[:2]
+        return [GroundedObject(bbox_2d=to_normalised(b, w, h), label=f"moving object {k + 1}")
+                for k, b in enumerate(scene_of(ctx).boxes(0))]
+
+    def ground_round2(self, ctx, frames, frame_indices, labels) -> list[list[GroundedObject]]:
+        """For each frame of ``frame_indices``, one object per label (``bbox_2d = []`` if not found)."""
+        scene = scene_of(ctx)
+        h, w = frames.shape[1:3]
+        last = dict(zip(labels, scene.boxes(0)))
+        out = []
+        for idx in frame_indices:
+            candidates = scene.boxes(idx)
+            found: dict[str, tuple] = {}
+            for label in labels:
+                prev = last.get(label)
+                if prev is None or not candidates:
+                    continue
+                best = max(candidates, key=lambda c: iou(prev, c))
+                if iou(prev, best) == 0:
+                    centre = np.array([(prev[0] + prev[2]) / 2, (prev[1] + prev[3]) / 2])
+                    dist = [np.hypot(*(np.array([(c[0] + c[2]) / 2, (c[1] + c[3]) / 2]) - centre)) for c in candidates]
+                    best = candidates[int(np.argmin(dist))]
+                    if min(dist) > 1.5 * np.hypot(prev[2] - prev[0], prev[3] - prev[1]):
+                        continue
+                found[label] = best
+                candidates = [c for c in candidates if c != best]
+            last.update(found)
+            out.append([GroundedObject(bbox_2d=to_normalised(found[lb], w, h) if lb in found else [], label=lb)
+                        for lb in labels])
+        return out
+
+
+def make_backend() -> CpuGrounder:
+    return CpuGrounder()

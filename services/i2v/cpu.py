@@ -1,0 +1,35 @@
+"""``cpu`` I2V backend: holds the clean plate, or loops the user's background video, to the clip's length.
+
+With a user background *video* in the context, its frames (fitted to the plate's size by cover-scaling and
+centre-cropping) are looped from its start; frame 0 is replaced by the given plate so that the background
+video starts exactly where the image edit ended. Otherwise the plate is held still for every frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sparkle.backends import SampleContext
+from sparkle.media import fit_to
+
+
+class CpuHoldOrLoop:
+    name = "cpu-hold-or-loop"
+
+    def setup(self) -> None:
+        """Nothing to load."""
+
+    def animate(self, ctx: SampleContext, image: np.ndarray, prompt: str, num_frames: int, fps: float) -> np.ndarray:
+        """``(num_frames, H, W, 3) uint8`` background video starting at ``image``."""
+        h, w = image.shape[:2]
+        bg = ctx.background
+        if bg is None or len(bg.frames) < 2:
+            return np.repeat(image[None], num_frames, axis=0)
+        src = [fit_to(f, w, h) for f in bg.frames]
+        out = np.stack([src[i % len(src)] for i in range(num_frames)])
+        out[0] = image
+        return out
+
+
+def make_backend() -> CpuHoldOrLoop:
+    return CpuHoldOrLoop()

@@ -1,0 +1,1 @@
+"""Backend-independent algorithms of the Sparkle pipeline (camera filter, BAIT vote, decoupled control)."""

@@ -1,0 +1,61 @@
+"""BAIT (Sparkle stage 4): multi-anchor tracking with a pixel-wise majority vote.
+
+Every 2-FPS frame where round-2 grounding found at least one box is an anchor. The tracker runs one pass
+per anchor, seeded with all labels' boxes on that frame and propagated forward and backward; a pass's
+mask is the union over labels. The final mask is the pixel-wise majority vote over passes: a pixel is
+foreground when ``2 * votes > passes``, and on a tie (``2 * votes == passes``) when ``tie_is_foreground``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backends import Anchor, GroundedObject, SampleContext, Tracker
+from ..boxes import to_pixels
+
+
+@dataclass
+class BaitResult:
+    mask: np.ndarray  # (T, H, W) bool
+    anchors: list[int]  # frame indices used as anchors
+    skipped: list[int]  # 2-FPS frames with no box (grounding failed there)
+    passes: int
+
+
+def anchors_from_round2(frame_indices: list[int], frame_objects: list[list[GroundedObject]],
+                        w: int, h: int) -> tuple[list[Anchor], list[int]]:
+    """Anchors (frames with >= 1 non-empty box, boxes in pixels) and the skipped frame indices."""
+    anchors, skipped = [], []
+    for idx, objects in zip(frame_indices, frame_objects):
+        boxes = [(o.label, px) for o in objects if (px := to_pixels(o.bbox_2d, w, h)) is not None]
+        (anchors.append(Anchor(idx, boxes)) if boxes else skipped.append(idx))
+    return anchors, skipped
+
+
+def majority_vote(votes: np.ndarray, passes: int, tie_is_foreground: bool) -> np.ndarray:
+    """``(T, H, W)`` vote counts over ``passes`` passes to a bool mask (see module doc for the tie rule)."""
+    twice = 2 * votes.astype(np.int32)
+    return twice >= passes if tie_is_foreground else twice > passes
+
+
+def run_bait(tracker: Tracker, ctx: SampleContext, frames: np.ndarray, anchors: list[Anchor],
+             tie_is_foreground: bool = True) -> np.ndarray:
+    """Track from every anchor and vote; returns the ``(T, H, W) bool`` mask.
+
+    Raises ValueError when there is no anchor (the caller rejects the sample with that reason).
+    """
+    if not anchors:
+        raise ValueError("no anchor frame with a grounded box")
+    t, h, w = frames.shape[:3]
+    votes = np.zeros((t, h, w), np.uint16)
+    passes = 0
+    for pass_mask in tracker.track(ctx, frames, anchors):
+        if pass_mask.shape != (t, h, w):
+            raise ValueError(f"tracker {tracker.name} returned {pass_mask.shape}, expected {(t, h, w)}")
+        votes += pass_mask
+        passes += 1
+    if passes != len(anchors):
+        raise ValueError(f"tracker {tracker.name} made {passes} passes for {len(anchors)} anchors")
+    return majority_vote(votes, passes, tie_is_foreground)

@@ -1,0 +1,180 @@
+"""Stage backend interfaces: one per model service, each implemented by ``cpu`` now and ``real``/``tiny`` later.
+
+Every backend loads once in ``setup()`` and is then called per sample. A call gets the request's images
+or videos as arrays and a :class:`SampleContext` holding what the sample is (its conformed source video,
+prompt, optional user background, and the BAIT mask once stage 4 has run). Model backends use only what
+their model takes; the ``cpu`` backends, which are classical algorithms, may read the source video in the
+context (e.g. motion against a temporal background model). The orchestrator builds the context from
+artifact references, so the same stage code runs in-process and on Celery workers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from .errors import ConfigError
+from .media import Video
+
+
+class GroundedObject(BaseModel):
+    """One Qwen3-VL grounding: ``bbox_2d`` = ``[x1, y1, x2, y2]`` in 0..1000, or ``[]`` when not found."""
+
+    bbox_2d: list[int] = Field(default_factory=list)
+    label: str
+
+
+class ImageScore(BaseModel):
+    """EditScore on one (source, edited) image pair; sub-scores 0..10, ``overall = sqrt(SC * PQ)``."""
+
+    prompt_following: float
+    consistency: float
+    perceptual_quality: float
+    overall: float
+    SC_reasoning: str
+    PQ_reasoning: str
+
+
+class FrameScore(BaseModel):
+    """EditScore on one frame of the edited video (``edited_video_score.jsonl`` entry)."""
+
+    SC_score: float
+    PQ_score: float
+    O_score: float
+    SC_score_reasoning: str
+    PQ_score_reasoning: str
+    SC_raw_output: str
+    PQ_raw_output: str
+
+
+@dataclass
+class Anchor:
+    """A BAIT anchor: frame index and the pixel boxes ``(label, (x1, y1, x2, y2))`` found on it."""
+
+    frame_index: int
+    boxes: list[tuple[str, tuple[int, int, int, int]]]
+
+
+@dataclass
+class SampleContext:
+    """The sample a backend call belongs to.
+
+    ``video``: the conformed source, frames ``(T, H, W, 3) uint8``. ``background``: the user-supplied
+    background (an image is a 1-frame video) or None. ``mask``: the BAIT mask ``(T, H, W) bool`` once
+    stage 4 has run. ``cache``: per-sample scratch space shared by backends of one process.
+    """
+
+    sample_id: str
+    prompt: str
+    video: Video
+    background: Video | None = None
+    mask: np.ndarray | None = None
+    cache: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def setup(self) -> None:
+        """Load weights / build state once per process."""
+
+
+class Grounder(Backend, Protocol):
+    """Grounding service (Qwen3-VL served by vLLM)."""
+
+    def describe_scene(self, ctx: SampleContext, image: np.ndarray) -> str:
+        """One sentence describing the image (metadata ``original_scene``)."""
+
+    def ground_round1(self, ctx: SampleContext, source_frame0: np.ndarray,
+                      edited_frame0: np.ndarray) -> list[GroundedObject]:
+        """Foreground objects to preserve, found on source frame 0 (valid for edited frame 0 too)."""
+
+    def ground_round2(self, ctx: SampleContext, frames: np.ndarray, frame_indices: list[int],
+                      labels: list[str]) -> list[list[GroundedObject]]:
+        """Re-locate every label on each of ``frames`` ``(N, H, W, 3)``: N lists, one object per label."""
+
+
+class ImageEditor(Backend, Protocol):
+    """Image editing service (FLUX.2-klein)."""
+
+    def edit_background(self, ctx: SampleContext, image: np.ndarray, instruction: str) -> np.ndarray:
+        """Replace the background of ``(H, W, 3) uint8`` ``image`` as instructed; same size out."""
+
+    def remove_foreground(self, ctx: SampleContext, image: np.ndarray,
+                          objects: list[GroundedObject]) -> np.ndarray:
+        """Erase ``objects`` from ``image``, giving the clean plate ``(H, W, 3) uint8``."""
+
+
+class VideoGenerator(Backend, Protocol):
+    """I2V service (Wan2.2-I2V-A14B + LightX2V 4-step)."""
+
+    def animate(self, ctx: SampleContext, image: np.ndarray, prompt: str, num_frames: int,
+                fps: float) -> np.ndarray:
+        """Background video ``(num_frames, H, W, 3) uint8`` whose frame 0 is ``image``."""
+
+
+class Tracker(Backend, Protocol):
+    """Tracking service (SAM3)."""
+
+    def track(self, ctx: SampleContext, frames: np.ndarray, anchors: list[Anchor]) -> Iterator[np.ndarray]:
+        """One pass per anchor, propagated forward and backward: yields ``(T, H, W) bool`` unions over labels."""
+
+
+class ControlSynthesizer(Backend, Protocol):
+    """Control synthesis service (Wan2.2-Fun-A14B-Control)."""
+
+    def synthesize(self, ctx: SampleContext, control: np.ndarray, background: np.ndarray,
+                   first_frame: np.ndarray, mask: np.ndarray, prompt: str) -> np.ndarray:
+        """Edited video ``(T, H, W, 3) uint8`` from the control video, the background video and frame 0."""
+
+
+class Scorer(Backend, Protocol):
+    """EditScore service."""
+
+    def score_image(self, ctx: SampleContext, source: np.ndarray, edited: np.ndarray,
+                    instruction: str, task: str) -> ImageScore:
+        """Score one image edit; ``task`` is ``"edit_background"`` or ``"remove_foreground"``."""
+
+    def score_frames(self, ctx: SampleContext, source: np.ndarray, edited: np.ndarray,
+                     frame_indices: list[int], instruction: str) -> list[FrameScore]:
+        """Score frames ``frame_indices`` of the edited video ``(T, H, W, 3)`` against the source."""
+
+
+SERVICES = ("grounding", "image_edit", "i2v", "tracking", "control", "editscore")
+"""The six model services, in pipeline order of first use."""
+
+
+@dataclass
+class Backends:
+    grounding: Grounder
+    image_edit: ImageEditor
+    i2v: VideoGenerator
+    tracking: Tracker
+    control: ControlSynthesizer
+    editscore: Scorer
+
+    def names(self) -> dict[str, str]:
+        return {s: getattr(self, s).name for s in SERVICES}
+
+
+def load_backends(profile: str = "cpu") -> Backends:
+    """Instantiate and ``setup()`` the six backends of ``profile``.
+
+    Each service folder exposes ``sparkle.services.<service>.<profile>.make_backend()``.
+    Raises ConfigError if a service has no backend of that profile.
+    """
+    made = {}
+    for service in SERVICES:
+        try:
+            module = importlib.import_module(f"sparkle.services.{service}.{profile}")
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"service {service!r} has no {profile!r} backend ({exc})") from exc
+        backend = module.make_backend()
+        backend.setup()
+        made[service] = backend
+    return Backends(**made)

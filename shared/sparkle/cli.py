@@ -1,0 +1,107 @@
+"""The ``sparkle`` command.
+
+Exit codes: 0 the sample was accepted and published; 1 bad input or configuration (nothing written);
+3 the sample was refused by a stage (camera filter or a quality gate; its report is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import PipelineConfig
+from .errors import SparkleError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Sparkle Factory: instruction-guided video background replacement (the Sparkle pipeline).")
+err = Console(stderr=True)
+
+EXIT_REJECTED = 3
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected WxH such as 832x480, got {text!r}") from exc
+    return max(a, b), min(a, b)
+
+
+@app.callback()
+def main() -> None:
+    """Sparkle Factory."""
+
+
+@app.command()
+def replace(
+    video: Path = typer.Argument(..., help="source video (a fixed-camera clip)"),
+    prompt: str = typer.Argument(..., help='instruction, e.g. "Replace the background with a snowy village"'),
+    out: Path = typer.Option(Path("out"), "-o", "--out", help="dataset root to write the sample into"),
+    theme: str = typer.Option("location", "--theme", help="edit_type: location, season, time, style, openve3m"),
+    background: Optional[Path] = typer.Option(None, "--background", help="image or video to use as the new background"),
+    keyword: Optional[str] = typer.Option(None, "--keyword", help='chosen_keyword "subtheme: scene" for the metadata'),
+    force: bool = typer.Option(False, "--force", help="keep a clip that the camera filter refuses"),
+    gates: bool = typer.Option(True, "--gates/--no-gates", help="reject samples below the EditScore gates"),
+    max_size: str = typer.Option("832x480", "--max-size", help="largest output size WxH (up to 1280x720)"),
+    as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary on stdout"),
+) -> None:
+    """Replace the background of VIDEO as PROMPT says, writing every Sparkle artifact under OUT."""
+    from sparkle.orchestrator.local import replace_one  # heavy imports only when running
+
+    try:
+        long_side, short_side = _parse_size(max_size)
+        config = PipelineConfig(conform={"max_long_side": long_side, "max_short_side": short_side})
+    except (ValueError, typer.BadParameter) as exc:
+        err.print(f"[red]error:[/red] --max-size: {exc}")
+        raise typer.Exit(1)
+    started = time.perf_counter()
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=err, transient=as_json) as progress:
+            bars: dict[str, int] = {}
+
+            def on_stage(name, event, task):
+                if event == "start":
+                    bars[name] = progress.add_task(f"{name}", total=1)
+                else:
+                    d = task.decisions[-1]
+                    mark = "[green]ok[/green]" if d.accepted else "[red]refused[/red]"
+                    progress.update(bars[name], completed=1, description=f"{name}: {mark} {d.reason}")
+
+            task, store = replace_one(video, prompt, out, edit_type=theme, background=background,
+                                      chosen_keyword=keyword, force=force, enforce_gates=gates, config=config,
+                                      on_stage=on_stage)
+    except SparkleError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    from sparkle.orchestrator.pipeline import summary
+
+    result = summary(task)
+    result["output_dir"] = str(store.root)
+    result["artifacts"] = {name: str(store.path(key)) for name, key in result["artifacts"].items()}
+    result["timings"]["wall"] = round(time.perf_counter() - started, 3)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        table = Table("stage", "decision", "reason", "s")
+        for d in task.decisions:
+            table.add_row(d.name, "ok" if d.accepted else "refused", d.reason, f"{d.seconds:.1f}")
+        err.print(table)
+        if task.status == "accepted":
+            typer.echo(f"{task.id}: accepted. Edited video: {result['artifacts']['edited_video']}")
+            typer.echo(f"Dataset root: {store.root}")
+        else:
+            typer.echo(f"{task.id}: {task.status}: {task.reason}")
+    if task.status != "accepted":
+        raise typer.Exit(EXIT_REJECTED)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,187 @@
+"""Video and image I/O (PyAV, Pillow) and the conform step that makes a pair match exactly.
+
+Frames are ``(T, H, W, 3) uint8`` RGB arrays throughout the project; images ``(H, W, 3) uint8`` RGB.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from PIL import Image
+
+from .config import ConformConfig
+from .errors import InputError
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class Video:
+    """Decoded frames ``(T, H, W, 3) uint8`` RGB and their rate in frames per second."""
+
+    frames: np.ndarray
+    fps: float
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(T, H, W)``."""
+        t, h, w, _ = self.frames.shape
+        return t, h, w
+
+
+def check_input_file(path: str | os.PathLike, what: str = "video") -> Path:
+    """Raise :class:`InputError` if ``path`` is missing, not a file or empty; return it as a Path."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise InputError(f"{what} is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{what} is empty (0 bytes): {p}")
+    return p
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Video:
+    """Decode up to ``max_frames`` frames from t=0 (all if None).
+
+    Raises InputError for a missing, empty or undecodable file, or one without a video stream/frames.
+    """
+    p = check_input_file(path)
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                raise InputError(f"no video stream in {p}")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else 0.0
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except InputError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"not a decodable video: {p} ({exc.__class__.__name__}: {exc})") from exc
+    if not frames:
+        raise InputError(f"no decodable frames in {p}")
+    if not fps or not np.isfinite(fps) or fps <= 0:
+        raise InputError(f"cannot tell the frame rate of {p}")
+    return Video(np.stack(frames), fps)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
+    """Encode ``(T, H, W, 3) uint8`` RGB as H.264 yuv420p MP4 (even sides required), faststart."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 yuv420p needs even sides, got {w}x{h}")
+    path = Path(path)
+    with av.open(str(path), mode="w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Load an image as ``(H, W, 3) uint8`` RGB. Raises InputError if missing or undecodable."""
+    p = check_input_file(path, "image")
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"not a decodable image: {p} ({exc})") from exc
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Save ``(H, W, 3) uint8`` RGB as PNG."""
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, format="PNG")
+    return Path(path)
+
+
+def trimmed_length(t: int, max_frames: int) -> int:
+    """Frames kept: at most ``max_frames`` from t=0, trimmed to 4k+1 (Wan's temporal VAE stride is 4)."""
+    t = min(t, max_frames)
+    return ((t - 1) // 4) * 4 + 1 if t >= 1 else 0
+
+
+def conformed_size(w: int, h: int, cfg: ConformConfig) -> tuple[int, int, int, int]:
+    """Scaled size and crop for a ``w x h`` source: returns ``(scaled_w, scaled_h, out_w, out_h)``.
+
+    The long side is scaled to at most ``max_long_side`` and the short side to at most ``max_short_side``
+    (orientation-aware, never upscaled, aspect kept); then the centre is cropped to multiples of
+    ``cfg.multiple``, so at most ``multiple - 1`` px are lost per side pair (832x468 -> 832x464).
+    """
+    long_, short = max(w, h), min(w, h)
+    scale = min(1.0, cfg.max_long_side / long_, cfg.max_short_side / short)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    ow, oh = (sw // cfg.multiple) * cfg.multiple, (sh // cfg.multiple) * cfg.multiple
+    if ow == 0 or oh == 0:
+        raise InputError(f"video too small: {w}x{h} gives no {cfg.multiple}-px multiple")
+    return sw, sh, ow, oh
+
+
+def resize_crop(image: np.ndarray, scaled: tuple[int, int], out: tuple[int, int]) -> np.ndarray:
+    """Resize ``(H, W, C)`` to ``scaled`` (w, h) with area interpolation, then centre-crop to ``out`` (w, h)."""
+    sw, sh = scaled
+    ow, oh = out
+    if image.shape[1] != sw or image.shape[0] != sh:
+        image = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
+    y0, x0 = (sh - oh) // 2, (sw - ow) // 2
+    return np.ascontiguousarray(image[y0:y0 + oh, x0:x0 + ow])
+
+
+def conform(video: Video, cfg: ConformConfig) -> Video:
+    """The source as the pipeline uses it: frames trimmed to 4k+1 (<= max_frames), sides multiples of 16.
+
+    Raises InputError when fewer than 5 frames remain (one 4-frame latent step is the least Wan handles).
+    """
+    t_in, h, w = video.shape
+    t = trimmed_length(t_in, cfg.max_frames)
+    if t < 5:
+        raise InputError(f"video too short: {t_in} frame(s); at least 5 are needed")
+    sw, sh, ow, oh = conformed_size(w, h, cfg)
+    frames = np.stack([resize_crop(f, (sw, sh), (ow, oh)) for f in video.frames[:t]])
+    return Video(frames, video.fps)
+
+
+def fit_to(image: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Scale ``image`` to cover ``w x h`` (aspect kept) and centre-crop it to exactly that size."""
+    ih, iw = image.shape[:2]
+    scale = max(w / iw, h / ih)
+    sw, sh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return resize_crop(cv2.resize(image, (sw, sh), interpolation=interp), (sw, sh), (w, h))
+
+
+def sample_indices(t: int, fps: float, sample_fps: float) -> list[int]:
+    """Frame indices sampled at ``sample_fps`` from t=0: ``round(k * fps / sample_fps)`` while < t.
+
+    e.g. t=81 at 16 fps, 2 FPS -> [0, 8, 16, ..., 80]. At least frame 0 is returned.
+    """
+    step = fps / sample_fps
+    out, k = [], 0
+    while True:
+        i = int(round(k * step))
+        if i >= t:
+            break
+        if not out or i != out[-1]:
+            out.append(i)
+        k += 1
+    return out or [0]
