@@ -76,8 +76,8 @@ def summer(img):
 
 def dusk(img):
     h, w = img.shape[:2]
-    x = _f(img) * np.array([1.12, 0.78, 0.62], np.float32) * 0.72
-    return _u8(x + _vertical_ramp(h, w, 0.22, 0.0) * np.array([1.0, 0.45, 0.25], np.float32))
+    x = _f(img) * np.array([1.06, 0.86, 0.78], np.float32) * 0.78
+    return _u8(x + _vertical_ramp(h, w, 0.16, 0.0) * np.array([1.0, 0.5, 0.3], np.float32))
 
 
 def dawn(img):

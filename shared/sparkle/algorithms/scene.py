@@ -16,6 +16,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..boxes import expand
+
 
 
 def masked_median(frames: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +37,49 @@ def masked_median(frames: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np
     return plate, never
 
 
+def window_mask(shape: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
+    """``(h, w)`` bool, True inside the pixel box ``window``."""
+    m = np.zeros(shape, bool)
+    x1, y1, x2, y2 = window
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+def grabcut(frame: np.ndarray, window: tuple[int, int, int, int], probable_fg: np.ndarray,
+            iterations: int = 2) -> np.ndarray:
+    """GrabCut of ``frame`` ``(h, w, 3) uint8`` inside ``window``, seeded by ``probable_fg`` ``(h, w) bool``.
+
+    Inside the window, ``probable_fg`` pixels start as probable foreground and the rest as probable
+    background; a 2-px ring on the window's border is definite background. Returns ``(h, w)`` bool
+    (False outside the window). A degenerate colour model (flat crop) returns the seed inside the window.
+    """
+    x1, y1, x2, y2 = window
+    out = np.zeros(frame.shape[:2], bool)
+    if x2 - x1 < 8 or y2 - y1 < 8:
+        return out
+    crop = np.ascontiguousarray(frame[y1:y2, x1:x2])
+    gc = np.where(probable_fg[y1:y2, x1:x2], cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    gc[:2], gc[-2:], gc[:, :2], gc[:, -2:] = cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD, cv2.GC_BGD
+    if not (gc == cv2.GC_PR_FGD).any():
+        return out
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    try:
+        cv2.grabCut(crop, gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    except cv2.error:
+        return probable_fg & window_mask(frame.shape[:2], window)
+    out[y1:y2, x1:x2] = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
+    return out
+
+
+def overlapping_components(mask: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """The connected components of ``mask`` ``(h, w) bool`` that overlap ``prior``."""
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[np.unique(labels[prior & mask])] = True
+    keep[0] = False
+    return keep[labels]
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill the holes of a ``(H, W)`` bool mask (regions not connected to the border)."""
     m = mask.astype(np.uint8)
@@ -47,7 +92,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 class SceneModel:
     """Background model and motion masks of ``frames`` ``(T, H, W, 3) uint8`` from a fixed camera."""
 
-    def __init__(self, frames: np.ndarray, work_short_side: int = 240, diff_threshold: int = 28):
+    def __init__(self, frames: np.ndarray, work_short_side: int = 180, diff_threshold: int = 28):
         self.full_shape = frames.shape[:3]
         t, h, w = self.full_shape
         self.scale = min(1.0, work_short_side / min(h, w))
@@ -105,15 +150,51 @@ class SceneModel:
         found.sort(key=lambda a: -a[0])
         return [b for _, b in found[:max_objects]]
 
+    def small_box(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """A full-size pixel box at work scale."""
+        return tuple(int(round(v * self.scale)) for v in box)
+
+    def segment(self, t: int, boxes: list[tuple[int, int, int, int]], iterations: int = 2) -> np.ndarray:
+        """Whole objects in frame ``t``: GrabCut seeded by each full-size box; ``(h, w)`` bool at work scale.
+
+        Motion alone misses the parts of a subject that stand still; the box says where the object is and
+        GrabCut separates it from the background by colour; moving pixels inside the box are added (a fast
+        small object, such as a ball, can share colours with the background).
+        """
+        h, w = self.small.shape[1:3]
+        out = np.zeros((h, w), bool)
+        for box in boxes:
+            b = self.small_box(box)
+            seed = window_mask((h, w), b)
+            m = grabcut(self.small[t], expand(b, 0.15, 4, w, h), seed, iterations)
+            out |= overlapping_components(m, seed) | (seed & self.fg[t])
+        return out
+
+    def object_masks(self, margin: float = 0.08, window: int = 8) -> np.ndarray:
+        """``(T, h, w) bool`` at work scale: motion boxes grown by ``margin``, united over ``t +- window`` frames.
+
+        Used where covering too much is cheap and too little is visible (the clean plate's median): a
+        subject that moves only its limbs in some frames still has its whole body covered by its boxes of
+        the neighbouring frames.
+        """
+        h, w = self.small.shape[1:3]
+        boxed = self.fg.copy()
+        for t in range(len(boxed)):
+            for box in self.boxes(t):
+                x1, y1, x2, y2 = expand(self.small_box(box), margin, 2, w, h)
+                boxed[t, y1:y2, x1:x2] = True
+        return np.stack([boxed[max(0, t - window):t + window + 1].any(axis=0) for t in range(len(boxed))])
+
     def clean_plate(self, frames: np.ndarray, masks: np.ndarray | None = None, dilate_px: int = 9) -> np.ndarray:
         """Clean plate ``(H, W, 3) uint8`` of ``frames`` (full size): masked temporal median + inpainting.
 
-        ``masks`` ``(T, H, W) bool`` (e.g. the BAIT mask) default to this model's motion masks; they are
-        dilated by ``dilate_px`` so that soft edges and shadows' rims do not leak into the plate.
+        ``masks`` ``(T, H, W) bool`` (e.g. the BAIT mask) default to :meth:`object_masks` (whole boxes, so a
+        subject standing still leaves no ghost); they are dilated by ``dilate_px`` so that soft edges and
+        shadows' rims do not leak into the plate. Pixels covered in every frame are inpainted (Telea).
         """
         t, h, w = frames.shape[:3]
         if masks is None:
-            masks = np.stack([self.foreground_full(i) for i in range(t)])
+            masks = np.stack([self.to_full(m) for m in self.object_masks()])
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
         masks = np.stack([cv2.dilate(m.astype(np.uint8), kernel) > 0 for m in masks])
         plate, never = masked_median(frames, masks)
@@ -130,10 +211,12 @@ def scene_of(ctx) -> SceneModel:
 
 
 def frame0_foreground(ctx) -> np.ndarray:
-    """Frame 0's foreground ``(H, W)`` bool: the BAIT mask once known, else the motion mask."""
+    """Frame 0's foreground ``(H, W)`` bool: the BAIT mask once known, else the motion boxes segmented."""
     if ctx.mask is not None:
         return ctx.mask[0]
-    return scene_of(ctx).foreground_full(0)
+    if "frame0_foreground" not in ctx.cache:
+        scene = scene_of(ctx)
+        ctx.cache["frame0_foreground"] = scene.to_full(scene.segment(0, scene.boxes(0)))
+    return ctx.cache["frame0_foreground"]
 
 
-__all__ = ["SceneModel", "masked_median", "fill_holes", "scene_of", "frame0_foreground"]
