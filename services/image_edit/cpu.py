@@ -63,7 +63,7 @@ def snow(img):
 def autumn(img):
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     green = (hsv[..., 0] > 30) & (hsv[..., 0] < 95)
-    return _u8(_saturation(_f(_hue_shift(img, -70, green)), 1.2) * np.array([1.05, 0.98, 0.9], np.float32))
+    return _u8(_saturation(_f(_hue_shift(img, -50, green)), 1.2) * np.array([1.05, 0.98, 0.9], np.float32))
 
 
 def spring(img):

@@ -64,7 +64,7 @@ def replace(
     started = time.perf_counter()
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=err, transient=as_json) as progress:
+                      console=err, transient=True) as progress:
             bars: dict[str, int] = {}
 
             def on_stage(name, event, task):
@@ -98,7 +98,8 @@ def replace(
             typer.echo(f"{task.id}: accepted. Edited video: {result['artifacts']['edited_video']}")
             typer.echo(f"Dataset root: {store.root}")
         else:
-            typer.echo(f"{task.id}: {task.status}: {task.reason}")
+            hint = " (use --force to keep a clip the camera filter refuses)" if task.decisions[-1].stage == 1 else ""
+            typer.echo(f"{task.id}: {task.status}: {task.reason}{hint}")
     if task.status != "accepted":
         raise typer.Exit(EXIT_REJECTED)
 

@@ -37,6 +37,24 @@ def masked_median(frames: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np
     return plate, never
 
 
+def cascade_plate(frames: np.ndarray, strict: np.ndarray, loose: np.ndarray, subject: np.ndarray) -> np.ndarray:
+    """Clean plate ``(H, W, 3) uint8`` from masks of decreasing coverage, all ``(T, H, W)``/``(H, W)`` bool.
+
+    1. median over frames where the pixel is outside ``strict`` (e.g. boxes united over time);
+    2. where 1 never saw the background, median over frames where it is outside ``loose`` (e.g. motion);
+    3. Telea inpainting where 2 never saw it either, or where 1 never saw it and ``subject`` is set (a
+       subject that never moves is not background however often it is "seen").
+    """
+    plate, never = masked_median(frames, strict)
+    if never.any():
+        fallback, never_loose = masked_median(frames, loose)
+        plate[never] = fallback[never]
+        never = (never & never_loose) | (never & subject)
+    if never.any():
+        plate = cv2.inpaint(plate, never.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
+    return plate
+
+
 def window_mask(shape: tuple[int, int], window: tuple[int, int, int, int]) -> np.ndarray:
     """``(h, w)`` bool, True inside the pixel box ``window``."""
     m = np.zeros(shape, bool)
@@ -105,6 +123,12 @@ class SceneModel:
         background = np.median(self.small, axis=0).astype(np.uint8)
         fg = self._motion(background)
         self.background, _ = masked_median(self.small, fg)
+        self.fg = self._motion(self.background)
+        # A subject that mostly stands still stays in the medians above as a ghost: rebuild the background
+        # with the clean-plate cascade (boxes over time, then motion, then inpainting of frame 0's subject)
+        # and measure motion against it, so that the still parts count as foreground too.
+        self.background = cascade_plate(self.small, self.object_masks(), self.fg,
+                                        self.segment(0, self.boxes(0)))
         self.fg = self._motion(self.background)  # (T, h, w) bool at work scale
 
     def _motion(self, background: np.ndarray) -> np.ndarray:
@@ -188,19 +212,27 @@ class SceneModel:
     def clean_plate(self, frames: np.ndarray, masks: np.ndarray | None = None, dilate_px: int = 9) -> np.ndarray:
         """Clean plate ``(H, W, 3) uint8`` of ``frames`` (full size): masked temporal median + inpainting.
 
-        ``masks`` ``(T, H, W) bool`` (e.g. the BAIT mask) default to :meth:`object_masks` (whole boxes, so a
-        subject standing still leaves no ghost); they are dilated by ``dilate_px`` so that soft edges and
-        shadows' rims do not leak into the plate. Pixels covered in every frame are inpainted (Telea).
+        With ``masks`` ``(T, H, W) bool`` (e.g. the BAIT mask): the median over unmasked frames, inpainting
+        (Telea) where a pixel is masked in every frame. Without: a cascade, because motion alone misses a
+        subject that stands still while whole boxes over-cover busy places:
+        1. median over frames where the pixel is outside :meth:`object_masks` (boxes united over time);
+        2. where 1 never saw the background, median over frames where it is not moving;
+        3. inpainting where 2 never saw it either, or where frame 0's segmented subject stands (a subject
+           that never moves is not background however often it is "seen").
+        Masks are dilated by ``dilate_px`` so that soft edges and shadows' rims do not leak into the plate.
         """
-        t, h, w = frames.shape[:3]
-        if masks is None:
-            masks = np.stack([self.to_full(m) for m in self.object_masks()])
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
-        masks = np.stack([cv2.dilate(m.astype(np.uint8), kernel) > 0 for m in masks])
-        plate, never = masked_median(frames, masks)
-        if never.any():
-            plate = cv2.inpaint(plate, never.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
-        return plate
+
+        def full(ms, small=True):
+            return np.stack([cv2.dilate((self.to_full(m) if small else m).astype(np.uint8), kernel) > 0 for m in ms])
+
+        if masks is not None:
+            plate, never = masked_median(frames, full(masks, small=False))
+            if never.any():
+                plate = cv2.inpaint(plate, never.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
+            return plate
+        subject = full(self.segment(0, self.boxes(0))[None])[0]
+        return cascade_plate(frames, full(self.object_masks()), full(self.fg), subject)
 
 
 def scene_of(ctx) -> SceneModel:
