@@ -15,8 +15,9 @@ PQ criteria
 - detail: ``10 * r / 0.35`` where ``r`` is the ratio edited/source of std(Laplacian)/std(grey), i.e.
   contrast-normalised high-frequency energy (a darker grade keeps it, a blur loses it);
 - exposure: ``10 * (1 - (c - 0.05) / 0.25)`` with ``c`` the fraction of clipped pixels (<= 2 or >= 253);
-- video frames only, flicker: ``10 * (1 - e / 12)`` with ``e`` the mean temporal change between frame
-  i-1 and i outside the mask in excess of the source's (a held or smoothly moving background has none).
+- video frames only, flicker: ``10 * (1 - e / 8)`` with ``e`` the change of mean brightness outside the
+  mask between frames i-1 and i, in excess of the source's (grey levels). Motion is not flicker: a lively
+  or moving background keeps its score, a pulsing exposure loses it.
 
 Every score is clipped to 0..10 and rounded to 2 decimals; the reasoning strings give the measurements.
 """
@@ -49,6 +50,10 @@ def _mad(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     if not where.any():
         return 0.0
     return float(np.abs(a[where].astype(np.int16) - b[where].astype(np.int16)).mean())
+
+
+def _brightness(img: np.ndarray, where: np.ndarray) -> float:
+    return float(img[where].mean()) if where.any() else 0.0
 
 
 def _detail(img: np.ndarray) -> float:
@@ -105,8 +110,9 @@ class CpuProxyScorer:
             pq, m = _pq(source[i], edited[i])
             j = max(i - 1, 0)
             still = outside & _regions(mask[j])[1]
-            excess = max(0.0, _mad(edited[i], edited[j], still) - _mad(source[i], source[j], still))
-            flicker = _clip(10 * (1 - excess / 12))
+            excess = max(0.0, abs(_brightness(edited[i], still) - _brightness(edited[j], still))
+                         - abs(_brightness(source[i], still) - _brightness(source[j], still)))
+            flicker = _clip(10 * (1 - excess / 8))
             sc, pq = min(fidelity, change), min(pq, flicker)
             sc_raw = {"foreground_mad": round(d_in, 2), "background_mad": round(d_out, 2),
                       "foreground_fidelity": fidelity, "background_change": change}

@@ -66,6 +66,11 @@ def autumn(img):
     return _u8(_saturation(_f(_hue_shift(img, -50, green)), 1.2) * np.array([1.05, 0.98, 0.9], np.float32))
 
 
+def warm_sand(img):
+    """Beach and desert light: strong warm cast, lifted shadows."""
+    return _u8(_saturation(_f(img), 1.1) * np.array([1.22, 1.04, 0.7], np.float32) * 0.92 + np.array([0.1, 0.07, 0.0], np.float32))
+
+
 def spring(img):
     return _u8(_saturation(_f(img), 1.35) * np.array([1.05, 1.0, 1.03], np.float32) + 0.03)
 
@@ -140,7 +145,8 @@ GRADES = [
     (("snow", "winter", "frost", "blizzard", "icy", "ice"), snow),
     (("autumn", "fall", "harvest"), autumn),
     (("spring", "blossom", "bloom"), spring),
-    (("summer", "tropical", "beach", "desert"), summer),
+    (("summer",), summer),
+    (("beach", "desert", "tropical", "dune", "savanna"), warm_sand),
     (("rain", "storm", "fog", "mist", "overcast", "cloudy"), overcast),
     (("dusk", "sunset", "evening", "twilight", "golden hour"), dusk),
     (("dawn", "sunrise", "morning"), dawn),

@@ -150,10 +150,13 @@ class SceneModel:
         """Motion foreground of frame ``t`` at full size, ``(H, W)`` bool."""
         return self.to_full(self.fg[t])
 
-    def boxes(self, t: int, min_area_frac: float = 0.002, max_objects: int = 8) -> list[tuple[int, int, int, int]]:
+    def boxes(self, t: int, min_area_frac: float = 0.002, max_box_frac: float = 0.5,
+              max_objects: int = 8) -> list[tuple[int, int, int, int]]:
         """Pixel boxes (full size) of the motion components of frame ``t``, largest first.
 
-        Components closer than ~3 % of the short side are merged (limbs, a held object).
+        Components closer than ~3 % of the short side are merged (limbs, a held object). A component whose
+        box covers more than ``max_box_frac`` of the frame is camera motion or a light change, not a subject,
+        and is left out; so are components under ``min_area_frac`` of the frame.
         """
         m = self.fg[t].astype(np.uint8)
         r = max(2, round(0.03 * min(self.size)))
@@ -168,6 +171,8 @@ class SceneModel:
             if area < min_area:
                 continue
             ys, xs = np.nonzero(comp)
+            if (xs.max() + 1 - xs.min()) * (ys.max() + 1 - ys.min()) > max_box_frac * m.size:
+                continue
             box = (xs.min() / self.scale, ys.min() / self.scale, (xs.max() + 1) / self.scale, (ys.max() + 1) / self.scale)
             found.append((area, (max(0, int(box[0])), max(0, int(box[1])), min(w, int(np.ceil(box[2]))),
                                  min(h, int(np.ceil(box[3]))))))

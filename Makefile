@@ -1,0 +1,32 @@
+# Sparkle Factory. `make demo` and `make test` install what they need into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CLIP   ?= ../shared/data/videos/static_01_juggle.mp4
+PROMPT ?= Replace the background with a snowy mountain village at dusk, with softly falling snow
+OUT    ?= out
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# Debian ships `python3 -m venv` in a separate package (python3-venv); install it when missing and root.
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
+	  else echo "error: '$(PYTHON) -m venv' failed: install python3-venv (apt-get install python3-venv)"; exit 1; fi; }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+demo: install
+	$(BIN)/sparkle replace $(CLIP) "$(PROMPT)" -o $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache *.egg-info
