@@ -31,7 +31,7 @@ from sparkle import layout
 from sparkle.algorithms.bait import anchors_from_round2, run_bait
 from sparkle.algorithms.camera import check_fixed_camera
 from sparkle.algorithms.control import decoupled_canny
-from sparkle.backends import Backends, GroundedObject, SampleContext
+from sparkle.backends import Backends, SampleContext
 from sparkle.config import PipelineConfig
 from sparkle.masks import pack_mask, unpack_mask
 from sparkle.media import (IMAGE_SUFFIXES, Video, conform, read_image, read_video, sample_indices, write_png,
@@ -283,6 +283,15 @@ def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
 STAGES: list[Callable[[SampleTask, StageEnv], SampleTask]] = [
     ingest, stage1_camera_filter, stage2_edit_frame0, stage3_background_video, stage4_bait, stage5_synthesis]
 STAGE_NAMES = ["ingest", "camera_filter", "frame0_edit", "background_video", "bait", "synthesis"]
+STAGE_SERVICES: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "camera_filter": (),
+    "frame0_edit": ("grounding", "image_edit", "editscore"),
+    "background_video": ("grounding", "image_edit", "editscore", "i2v"),
+    "bait": ("grounding", "tracking"),
+    "synthesis": ("control", "editscore"),
+}
+"""The model services each stage calls (its resources); stages with none run on CPU workers."""
 
 
 # --- publish: the sample enters the Sparkle layout -------------------------------------------------------
@@ -343,5 +352,5 @@ def summary(task: SampleTask) -> dict:
             "artifacts": {} if task.status != "accepted" else dict(task.refs), "timings": timings}
 
 
-__all__ = ["SampleTask", "StageEnv", "StageDecision", "STAGES", "STAGE_NAMES", "run_sample", "publish", "summary",
-           "GroundedObject"]
+__all__ = ["SampleTask", "StageEnv", "StageDecision", "STAGES", "STAGE_NAMES", "STAGE_SERVICES", "run_sample",
+           "publish", "summary"]

@@ -18,10 +18,14 @@ HANDHELD = VIDEOS / "moving_01_bedroom.mp4"
 SNOW_PROMPT = "Replace the background with a snowy mountain village at dusk, with softly falling snow"
 
 
-def sparkle(*args: str | Path, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the installed ``sparkle`` console command (as a user would) and capture its output."""
+def sparkle(*args: str | Path, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``sparkle`` console command (as a user would) and capture its output.
+
+    ``env`` adds variables to the inherited environment.
+    """
     exe = Path(sys.executable).with_name("sparkle")
-    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"sparkle {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

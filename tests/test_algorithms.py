@@ -101,3 +101,12 @@ def test_decoupled_canny_takes_source_edges_inside_and_background_edges_outside(
         np.testing.assert_array_equal(e[~mask[t]], canny(bg[t], 100, 200)[~mask[t]])
     with pytest.raises(ValueError):
         decoupled_canny(src, bg[:-1], mask)
+
+
+def test_every_stage_declares_only_known_services():
+    from sparkle.backends import SERVICES
+    from sparkle.orchestrator.pipeline import STAGE_NAMES, STAGE_SERVICES
+
+    assert list(STAGE_SERVICES) == STAGE_NAMES
+    used = {s for services in STAGE_SERVICES.values() for s in services}
+    assert used == set(SERVICES)  # every model service is used by some stage, none is invented

@@ -221,18 +221,14 @@ def test_a_failure_mid_journey_publishes_nothing(tmp_path):
 
 
 def test_gates_reject_and_no_gates_keeps(tmp_path):
-    env = {**os.environ, "SPARKLE_GATES__FRAME0_EDIT_MIN_OVERALL": "10"}
-    import subprocess
-    import sys
-    from pathlib import Path
-    exe = str(Path(sys.executable).with_name("sparkle"))
-    args = [exe, "replace", str(PEDESTRIANS), "Replace the background with a beach", "-o", str(tmp_path), "--json"]
-    strict = subprocess.run(args, capture_output=True, text=True, env=env)
+    env = {"SPARKLE_GATES__FRAME0_EDIT_MIN_OVERALL": "10"}
+    args = ["replace", PEDESTRIANS, "Replace the background with a beach", "-o", tmp_path, "--json"]
+    strict = sparkle(*args, env=env)
     assert strict.returncode == 3
     s = json.loads(strict.stdout)
     assert s["status"] == "rejected" and "stage 2 (frame0_edit)" in s["reason"] and "< 10.0" in s["reason"]
     assert dataset_files(tmp_path) == []
-    lenient = subprocess.run(args + ["--no-gates"], capture_output=True, text=True, env=env)
+    lenient = sparkle(*args, "--no-gates", env=env)
     assert lenient.returncode == 0, lenient.stderr
     s = json.loads(lenient.stdout)
     assert s["id"] == "Sparkle_location_000001"  # the rejected sample kept its id
