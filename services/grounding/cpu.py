@@ -42,7 +42,9 @@ class CpuGrounder:
         top, bottom = _colour_name(image[: h // 3]), _colour_name(image[2 * h // 3:])
         n = len(scene_of(ctx).boxes(0))
         subject = f"{n} moving foreground object{'s' if n != 1 else ''}" if n else "no moving foreground"
-        return f"A {light} fixed-camera shot, {top} tones above and {bottom} tones below, with {subject}."
+        tones = f"{top} tones throughout" if top == bottom else f"{top} tones above and {bottom} tones below"
+        article = "An" if light[0] in "aeiou" else "A"
+        return f"{article} {light} fixed-camera shot, {tones}, with {subject}."
 
     def ground_round1(self, ctx, source_frame0, edited_frame0) -> list[GroundedObject]:
         """Motion components of frame 0 as ``[{bbox_2d, label}]`` in 0..1000."""
