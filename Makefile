@@ -6,12 +6,13 @@ CLIP   ?= ../shared/data/videos/static_01_juggle.mp4
 PROMPT ?= Replace the background with a snowy mountain village at dusk, with softly falling snow
 OUT    ?= out
 
-.PHONY: install demo test clean
+.PHONY: install install-all demo test clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed          # the embedded default (cpu profile)
+install-all: $(VENV)/.installed-all  # + the model services (torch, transformers, diffusers, ...; ~6 GB)
 
 # Debian ships `python3 -m venv` in a separate package (python3-venv); install it when missing and root.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.venv-created:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	  rm -rf $(VENV); \
@@ -19,13 +20,20 @@ $(VENV)/.installed: pyproject.toml
 	    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
 	  else echo "error: '$(PYTHON) -m venv' failed: install python3-venv (apt-get install python3-venv)"; exit 1; fi; }
 	$(BIN)/pip install -q --upgrade pip
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.venv-created
 	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+$(VENV)/.installed-all: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,serve,models]'
 	@touch $@
 
 demo: install
 	$(BIN)/sparkle replace $(CLIP) "$(PROMPT)" -o $(OUT)
 
-test: install
+test: install-all
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -33,9 +33,9 @@ from sparkle.algorithms.camera import check_fixed_camera
 from sparkle.algorithms.control import decoupled_canny
 from sparkle.backends import Backends, SampleContext
 from sparkle.config import PipelineConfig
-from sparkle.masks import pack_mask, unpack_mask
-from sparkle.media import (IMAGE_SUFFIXES, Video, conform, read_image, read_video, sample_indices, write_png,
-                           write_video)
+from sparkle.artifacts import ArtifactIO
+from sparkle.errors import ArtifactMissing
+from sparkle.media import conform, read_video, sample_indices
 from sparkle.store import ArtifactStore, staging_prefix
 
 REMOVAL_INSTRUCTION = "Remove {labels} from the image, leaving only the background."
@@ -79,57 +79,29 @@ class SampleTask(BaseModel):
 
 @dataclass
 class StageEnv:
-    """What stages run with: the store, the six backends, the config, and a per-process decode cache."""
+    """What stages run with: the store (through :class:`ArtifactIO`), the six backends and the config."""
 
     store: ArtifactStore
     backends: Backends
     config: PipelineConfig
-    _videos: dict[str, Video] = field(default_factory=dict)
-    _contexts: dict[str, SampleContext] = field(default_factory=dict)
+    io: ArtifactIO = field(init=False)
 
-    def load_video(self, key: str) -> Video:
-        """Decode a stored video once per process."""
-        if key not in self._videos:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = self.store.get_file(key, Path(tmp) / PurePosixPath(key).name)
-                self._videos[key] = read_video(path)
-        return self._videos[key]
-
-    def load_image(self, key: str) -> np.ndarray:
-        with tempfile.TemporaryDirectory() as tmp:
-            return read_image(self.store.get_file(key, Path(tmp) / PurePosixPath(key).name))
+    def __post_init__(self):
+        self.io = ArtifactIO(self.store, max_frames=self.config.conform.max_frames)
 
     def put_video(self, task: SampleTask, name: str, key: str, frames: np.ndarray) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_video(Path(tmp) / "v.mp4", frames, task.fps)
-            task.refs[name] = self.store.put_file(task.staged(key), path)
-        self._videos.pop(task.refs[name], None)
+        task.refs[name] = self.io.put_video(task.staged(key), frames, task.fps)
 
     def put_image(self, task: SampleTask, name: str, key: str, image: np.ndarray) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            task.refs[name] = self.store.put_file(task.staged(key), write_png(Path(tmp) / "i.png", image))
+        task.refs[name] = self.io.put_image(task.staged(key), image)
 
     def context(self, task: SampleTask) -> SampleContext:
-        """The sample's context, built from its stored source (and background) once per process."""
-        ctx = self._contexts.get(task.id)
-        if ctx is None:
-            background = None
-            if task.background_key:
-                if PurePosixPath(task.background_key).suffix.lower() in IMAGE_SUFFIXES:
-                    background = Video(self.load_image(task.background_key)[None], task.fps)
-                else:
-                    background = self.load_video(task.background_key)
-            ctx = SampleContext(task.id, task.prompt, self.load_video(task.refs["source_video"]), background)
-            self._contexts[task.id] = ctx
-        if ctx.mask is None and "mask" in task.refs:
-            ctx.mask = unpack_mask(self.store.get_bytes(task.refs["mask"]))
+        """The sample's context, built from its stored source (and background, mask) once per process."""
+        ctx = self.io.context(task.id, task.prompt, task.refs["source_video"], task.background_key,
+                              task.refs.get("mask"))
+        if ctx.background is not None and not ctx.background.fps:
+            ctx.background.fps = task.fps
         return ctx
-
-    def forget(self, task: SampleTask) -> None:
-        """Drop the sample's cached context and decoded videos (end of its journey in this process)."""
-        self._contexts.pop(task.id, None)
-        for key in [k for k in self._videos if k.startswith(staging_prefix(task.id))]:
-            del self._videos[key]
 
 
 def _decide(task: SampleTask, stage: int, name: str, accepted: bool, reason: str, started: float,
@@ -161,7 +133,10 @@ def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
     """
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        raw = env.store.get_file(task.source_key, Path(tmp) / PurePosixPath(task.source_key).name)
+        try:
+            raw = env.store.get_file(task.source_key, Path(tmp) / PurePosixPath(task.source_key).name)
+        except KeyError as exc:
+            raise ArtifactMissing(f"source video not found: {task.source_key}") from exc
         video = conform(read_video(raw, max_frames=env.config.conform.max_frames), env.config.conform)
     task.fps, task.shape = video.fps, video.shape
     env.put_video(task, "source_video", layout.source_video(task.edit_type, task.id), video.frames)
@@ -204,7 +179,7 @@ def stage3_background_video(task: SampleTask, env: StageEnv) -> SampleTask:
     started = time.perf_counter()
     ctx, b = env.context(task), env.backends
     frame0 = ctx.video.frames[0]
-    edited0 = env.load_image(task.refs["edited_frame0"])
+    edited0 = env.io.load_image(task.refs["edited_frame0"])
     objects = b.grounding.ground_round1(ctx, frame0, edited0)
     task.records["foreground_grounding_r1"] = {
         "id": task.id, "prompt": task.prompt, "edit_type": task.edit_type,
@@ -245,7 +220,7 @@ def stage4_bait(task: SampleTask, env: StageEnv) -> SampleTask:
     if not anchors:
         return _decide(task, 4, "bait", False, "no 2-FPS frame has a grounded box: no usable anchor", started)
     mask = run_bait(b.tracking, ctx, frames, anchors, env.config.bait.tie_is_foreground)
-    task.refs["mask"] = env.store.put_bytes(task.staged(layout.mask(task.edit_type, task.id)), pack_mask(mask))
+    task.refs["mask"] = env.io.put_mask(task.staged(layout.mask(task.edit_type, task.id)), mask)
     ctx.mask = mask
     scores = {"anchors": [a.frame_index for a in anchors], "skipped": skipped,
               "mask_fraction": round(float(mask.mean()), 4)}
@@ -261,15 +236,15 @@ def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
     started = time.perf_counter()
     ctx, b, cfg = env.context(task), env.backends, env.config
     source = ctx.video.frames
-    background = env.load_video(task.refs["background_video"]).frames
+    background = env.io.load_video(task.refs["background_video"]).frames
     control = decoupled_canny(source, background, ctx.mask, cfg.control.canny_low, cfg.control.canny_high)
     env.put_video(task, "canny_video", layout.canny_video(task.edit_type, task.id), control)
-    edited0 = env.load_image(task.refs["edited_frame0"])
+    edited0 = env.io.load_image(task.refs["edited_frame0"])
     edited = b.control.synthesize(ctx, control, background, edited0, ctx.mask, task.prompt)
     if edited.shape != source.shape:
         raise ValueError(f"control backend {b.control.name} returned {edited.shape}, expected {source.shape}")
     env.put_video(task, "edited_video", layout.edited_video(task.edit_type, task.id), edited)
-    stored = env.load_video(task.refs["edited_video"]).frames  # judge what is published, after encoding
+    stored = env.io.load_video(task.refs["edited_video"]).frames  # judge what is published, after encoding
     indices = [i for i in cfg.gates.video_frame_indices if i < len(stored)]
     scores = b.editscore.score_frames(ctx, source, stored, indices, task.prompt)
     task.records["edited_video_score"] = {"id": task.id, "prompt": task.prompt, "frame_indices": indices,
@@ -338,7 +313,7 @@ def run_sample(task: SampleTask, env: StageEnv,
         return task
     finally:
         env.store.delete_prefix(staging_prefix(task.id))
-        env.forget(task)
+        env.io.forget(task.id)
 
 
 def summary(task: SampleTask) -> dict:

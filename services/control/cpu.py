@@ -45,5 +45,5 @@ class CpuCompositor:
         return out
 
 
-def make_backend() -> CpuCompositor:
+def make_backend(**options) -> CpuCompositor:
     return CpuCompositor()

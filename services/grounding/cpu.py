@@ -80,5 +80,5 @@ class CpuGrounder:
         return out
 
 
-def make_backend() -> CpuGrounder:
+def make_backend(**options) -> CpuGrounder:
     return CpuGrounder()

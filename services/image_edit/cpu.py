@@ -216,5 +216,5 @@ class CpuCompositorEditor:
         return _u8(_f(background_layer(ctx)) * alpha + _f(image) * (1 - alpha))
 
 
-def make_backend() -> CpuCompositorEditor:
+def make_backend(**options) -> CpuCompositorEditor:
     return CpuCompositorEditor()

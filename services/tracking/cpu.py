@@ -72,5 +72,5 @@ class CpuGrabCutTracker:
                 yield f.result()
 
 
-def make_backend() -> CpuGrabCutTracker:
+def make_backend(**options) -> CpuGrabCutTracker:
     return CpuGrabCutTracker()

@@ -162,19 +162,29 @@ class Backends:
         return {s: getattr(self, s).name for s in SERVICES}
 
 
-def load_backends(profile: str = "cpu") -> Backends:
-    """Instantiate and ``setup()`` the six backends of ``profile``.
+def load_backend(service: str, name: str, **options) -> Backend:
+    """Instantiate (not set up) backend ``name`` of ``service``: ``sparkle.services.<service>.<name>.make_backend``.
 
-    Each service folder exposes ``sparkle.services.<service>.<profile>.make_backend()``.
-    Raises ConfigError if a service has no backend of that profile.
+    ``options`` (e.g. ``model_dir``, ``device``) go to ``make_backend``; a real backend checks its paths there
+    and raises ConfigError naming what is missing. Raises ConfigError for an unknown service or backend.
     """
+    if service not in SERVICES:
+        raise ConfigError(f"unknown service {service!r}; expected one of {', '.join(SERVICES)}")
+    try:
+        module = importlib.import_module(f"sparkle.services.{service}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("sparkle.services"):
+            raise ConfigError(f"service {service!r} has no {name!r} backend") from exc
+        raise ConfigError(f"backend {name!r} of {service!r} needs a missing package: {exc.name} "
+                          f"(pip install 'sparkle-factory[models]')") from exc
+    return module.make_backend(**options)
+
+
+def load_backends(profile: str = "cpu", options: dict[str, dict] | None = None) -> Backends:
+    """Instantiate and ``setup()`` the six backends of ``profile`` (``options[service]`` go to each)."""
     made = {}
     for service in SERVICES:
-        try:
-            module = importlib.import_module(f"sparkle.services.{service}.{profile}")
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"service {service!r} has no {profile!r} backend ({exc})") from exc
-        backend = module.make_backend()
+        backend = load_backend(service, profile, **(options or {}).get(service, {}))
         backend.setup()
         made[service] = backend
     return Backends(**made)

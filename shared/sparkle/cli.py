@@ -104,5 +104,37 @@ def replace(
         raise typer.Exit(EXIT_REJECTED)
 
 
+@app.command()
+def serve(
+    service: str = typer.Argument(..., help="grounding, image_edit, i2v, tracking, control or editscore"),
+    backend: str = typer.Option("cpu", "--backend", help="real, tiny or cpu"),
+    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    store: Path = typer.Option(Path("data"), "--store", help="artifact store root (local directory)"),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="local checkpoint directory (real backend)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
+) -> None:
+    """Start one model service (FastAPI under uvicorn). Shell settings: SPARKLE_SERVE_* variables."""
+    import importlib
+
+    import uvicorn
+
+    from .backends import load_backend
+    from .serving import build_app
+    from .store import LocalStore
+
+    options = {k: v for k, v in {"model_dir": model_dir, "device": device}.items() if v is not None}
+    try:
+        api_cls = importlib.import_module(f"sparkle.services.{service}.app").API
+        api = api_cls(load_backend(service, backend, **options), LocalStore(store))
+    except ModuleNotFoundError:
+        err.print(f"[red]error:[/red] unknown service {service!r}")
+        raise typer.Exit(1)
+    except SparkleError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    uvicorn.run(build_app(api), host=host, port=port, log_level="info")
+
+
 if __name__ == "__main__":
     app()

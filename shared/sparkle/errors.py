@@ -11,3 +11,15 @@ class InputError(SparkleError):
 
 class ConfigError(SparkleError):
     """A configuration value or backend name is invalid, or a backend cannot start."""
+
+
+class ArtifactMissing(InputError):
+    """A referenced artifact key is not in the store. HTTP 404."""
+
+
+class TooLarge(InputError):
+    """An input exceeds a configured limit (body bytes, frames, pixels). HTTP 413."""
+
+
+class NotReady(SparkleError):
+    """The service is loading, failed to load, or its queue is full. HTTP 503 with Retry-After."""

@@ -1,0 +1,110 @@
+"""Artifact I/O over a store: decode/encode videos, images and masks by key, and build sample contexts.
+
+Used by the orchestrator's stages and by every service, so that both read and write artifacts the same
+way. Decoded videos are cached per process (bounded), since consecutive stages and requests of one sample
+read the same source.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .backends import SampleContext
+from .errors import ArtifactMissing, TooLarge
+from .masks import pack_mask, unpack_mask
+from .media import IMAGE_SUFFIXES, Video, read_image, read_video, write_png, write_video
+from .store import ArtifactStore
+
+
+class ArtifactIO:
+    """Typed access to a store. ``max_frames``/``max_pixels`` bound what may be decoded (TooLarge, 413)."""
+
+    def __init__(self, store: ArtifactStore, cache_size: int = 8, max_frames: int = 81,
+                 max_pixels: int = 1280 * 720):
+        self.store = store
+        self.max_frames = max_frames
+        self.max_pixels = max_pixels
+        self._videos: OrderedDict[str, Video] = OrderedDict()
+        self._contexts: OrderedDict[str, SampleContext] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _fetch(self, key: str, tmp: str) -> Path:
+        try:
+            return self.store.get_file(key, Path(tmp) / PurePosixPath(key).name)
+        except KeyError as exc:
+            raise ArtifactMissing(f"artifact not found: {key}") from exc
+
+    def _check_size(self, key: str, t: int, h: int, w: int) -> None:
+        if t > self.max_frames:
+            raise TooLarge(f"{key}: {t} frames > {self.max_frames}")
+        if h * w > self.max_pixels:
+            raise TooLarge(f"{key}: {w}x{h} > {self.max_pixels} pixels")
+
+    def load_video(self, key: str) -> Video:
+        """Decode ``key`` (``(T, H, W, 3) uint8``), once per process while it stays in the cache."""
+        if key in self._videos:
+            self._videos.move_to_end(key)
+            return self._videos[key]
+        with tempfile.TemporaryDirectory() as tmp:
+            video = read_video(self._fetch(key, tmp), max_frames=self.max_frames + 1)
+        self._check_size(key, *video.shape)
+        self._videos[key] = video
+        while len(self._videos) > self._cache_size:
+            self._videos.popitem(last=False)
+        return video
+
+    def load_image(self, key: str) -> np.ndarray:
+        """``(H, W, 3) uint8`` RGB."""
+        with tempfile.TemporaryDirectory() as tmp:
+            image = read_image(self._fetch(key, tmp))
+        self._check_size(key, 1, *image.shape[:2])
+        return image
+
+    def load_mask(self, key: str) -> np.ndarray:
+        """``(T, H, W) bool`` from a bit-packed ``.npz``."""
+        if not self.store.exists(key):
+            raise ArtifactMissing(f"artifact not found: {key}")
+        return unpack_mask(self.store.get_bytes(key))
+
+    def put_video(self, key: str, frames: np.ndarray, fps: float) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.store.put_file(key, write_video(Path(tmp) / "v.mp4", frames, fps))
+        self._videos.pop(key, None)
+        return key
+
+    def put_image(self, key: str, image: np.ndarray) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.store.put_file(key, write_png(Path(tmp) / "i.png", image))
+
+    def put_mask(self, key: str, mask: np.ndarray) -> str:
+        return self.store.put_bytes(key, pack_mask(mask))
+
+    def context(self, sample_id: str, prompt: str, source_video: str, background: str | None = None,
+                mask: str | None = None) -> SampleContext:
+        """The sample's :class:`SampleContext`, built from stored artifacts once per process."""
+        ctx = self._contexts.get(sample_id)
+        if ctx is None or ctx.video is not self.load_video(source_video):
+            bg = None
+            if background:
+                if PurePosixPath(background).suffix.lower() in IMAGE_SUFFIXES:
+                    bg = Video(self.load_image(background)[None], 0.0)
+                else:
+                    bg = self.load_video(background)
+            ctx = SampleContext(sample_id, prompt, self.load_video(source_video), bg)
+            self._contexts[sample_id] = ctx
+            while len(self._contexts) > self._cache_size:
+                self._contexts.popitem(last=False)
+        ctx.prompt = prompt
+        if mask and ctx.mask is None:
+            ctx.mask = self.load_mask(mask)
+        return ctx
+
+    def forget(self, sample_id: str) -> None:
+        """Drop what is cached for a sample (its journey in this process is over)."""
+        self._contexts.pop(sample_id, None)
+        for key in [k for k in self._videos if sample_id in k]:
+            del self._videos[key]
