@@ -40,7 +40,7 @@ class ArtifactIO:
 
     def _check_size(self, key: str, t: int, h: int, w: int) -> None:
         if t > self.max_frames:
-            raise TooLarge(f"{key}: {t} frames > {self.max_frames}")
+            raise TooLarge(f"{key}: more than {self.max_frames} frames")
         if h * w > self.max_pixels:
             raise TooLarge(f"{key}: {w}x{h} > {self.max_pixels} pixels")
 

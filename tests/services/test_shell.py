@@ -1,0 +1,214 @@
+"""The server shell (sparkle.serving) and the six services' HTTP operations on their cpu backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+
+from sparkle.artifacts import ArtifactIO
+from sparkle.backends import load_backend
+from sparkle.config import ConformConfig
+from sparkle.masks import unpack_mask
+from sparkle.media import conform, read_image, read_video
+from sparkle.schemas import OpResponse, Strict
+from sparkle.serving import ModelAPI, ServeSettings, build_app
+from sparkle.store import LocalStore
+
+from ..conftest import PEDESTRIANS
+
+SETTINGS = ServeSettings(load_in_background=False)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A 17-frame, 208x160 conformed pedestrians clip and its frame 0 in a local store."""
+    root = tmp_path_factory.mktemp("store")
+    store = LocalStore(root)
+    io = ArtifactIO(store)
+    video = conform(read_video(PEDESTRIANS, max_frames=17), ConformConfig(max_frames=17, max_long_side=208,
+                                                                           max_short_side=160))
+    io.put_video("s/source.mp4", video.frames, video.fps)
+    io.put_image("s/frame0.png", video.frames[0])
+    ref = {"sample_id": "Sparkle_location_000000", "prompt": "Replace the background with a night city",
+           "source_video": "s/source.mp4"}
+    return store, io, ref, video
+
+
+def client_for(service: str, store, settings=SETTINGS) -> TestClient:
+    import importlib
+
+    api = importlib.import_module(f"sparkle.services.{service}.app").API(load_backend(service, "cpu"), store)
+    return TestClient(build_app(api, settings))
+
+
+def test_six_services_answer_every_operation_on_cpu(sample):
+    store, io, ref, video = sample
+    t, h, w = video.shape
+    with client_for("grounding", store) as c:
+        assert c.get("/readyz").json()["backend"] == "cpu-motion-grounder"
+        text = c.post("/v1/describe", json={"sample": ref, "image": "s/frame0.png"}).json()["text"]
+        assert "fixed-camera" in text
+        r1 = c.post("/v1/ground_round1", json={"sample": ref, "source_frame0": "s/frame0.png",
+                                                "edited_frame0": "s/frame0.png"}).json()
+        assert r1["objects"] and all(0 <= v <= 1000 for o in r1["objects"] for v in o["bbox_2d"])
+        labels = [o["label"] for o in r1["objects"]]
+        r2 = c.post("/v1/ground_round2", json={"sample": ref, "frame_indices": [0, 5, 10, 15], "labels": labels}).json()
+        assert len(r2["frame_objects"]) == 4 and all([o["label"] for o in f] == labels for f in r2["frame_objects"])
+        assert set(r2["timings"]) >= {"decode", "queue_and_predict", "encode", "total"}
+    with client_for("image_edit", store) as c:
+        r = c.post("/v1/edit_background", json={"sample": ref, "image": "s/frame0.png",
+                                                "instruction": ref["prompt"], "output": "s/edited0.png"}).json()
+        assert (r["width"], r["height"]) == (w, h) and read_image(store.path("s/edited0.png")).shape == (h, w, 3)
+        r = c.post("/v1/remove_foreground", json={"sample": ref, "image": "s/edited0.png", "objects": r1["objects"],
+                                                  "output": "s/plate.png"}).json()
+        assert r["image"] == "s/plate.png" and store.exists("s/plate.png")
+    with client_for("i2v", store) as c:
+        r = c.post("/v1/animate", json={"sample": ref, "image": "s/plate.png", "prompt": ref["prompt"],
+                                        "num_frames": t, "fps": video.fps, "output": "s/bg.mp4"}).json()
+        assert (r["num_frames"], r["height"], r["width"]) == (t, h, w)
+        assert read_video(store.path("s/bg.mp4")).shape == (t, h, w)
+    with client_for("tracking", store) as c:
+        anchors = [{"frame_index": 0, "boxes": [{"label": "p", "box": [60, 40, 100, 120]}]},
+                   {"frame_index": 8, "boxes": [{"label": "p", "box": [60, 40, 100, 120]}]}]
+        r = c.post("/v1/bait", json={"sample": ref, "anchors": anchors, "output": "s/mask.npz"}).json()
+        assert r["shape"] == [t, h, w] and r["passes"] == 2
+        mask = unpack_mask(store.get_bytes("s/mask.npz"))
+        assert mask.shape == (t, h, w) and r["foreground_fraction"] == pytest.approx(mask.mean(), abs=1e-5)
+    io.put_video("s/control.mp4", np.zeros((t, h, w, 3), np.uint8), video.fps)
+    with client_for("control", store) as c:
+        r = c.post("/v1/synthesize", json={"sample": {**ref, "mask": "s/mask.npz"}, "control_video": "s/control.mp4",
+                                           "background_video": "s/bg.mp4", "first_frame": "s/edited0.png",
+                                           "prompt": ref["prompt"], "output": "s/edited.mp4"}).json()
+        assert r["num_frames"] == t and read_video(store.path("s/edited.mp4")).shape == (t, h, w)
+    with client_for("editscore", store) as c:
+        r = c.post("/v1/score_image", json={"sample": ref, "source": "s/frame0.png", "edited": "s/edited0.png",
+                                            "instruction": ref["prompt"], "task": "edit_background"}).json()
+        assert r["scorer"] == "cpu-proxy-v1" and 0 <= r["score"]["overall"] <= 10
+        r = c.post("/v1/score_frames", json={"sample": {**ref, "mask": "s/mask.npz"}, "edited_video": "s/edited.mp4",
+                                             "frame_indices": [1, 6, 11, 16], "instruction": ref["prompt"]}).json()
+        assert len(r["scores"]) == 4 and all(0 <= s["O_score"] <= 10 for s in r["scores"])
+
+
+def test_bad_requests_get_4xx_with_a_reason(sample):
+    store, io, ref, video = sample
+    with client_for("grounding", store, ServeSettings(load_in_background=False, max_body_bytes=4096)) as c:
+        r = c.post("/v1/describe", json={"sample": ref, "image": "s/frame0.png", "colour": "red"})
+        assert r.status_code == 422 and "colour" in r.text
+        r = c.post("/v1/describe", json={"sample": ref, "image": "s/nope.png"})
+        assert r.status_code == 404 and "s/nope.png" in r.json()["detail"]
+        r = c.post("/v1/ground_round2", json={"sample": ref, "frame_indices": [0, 99], "labels": ["a"]})
+        assert r.status_code == 400 and "frame_indices" in r.json()["detail"]
+        r = c.post("/v1/describe", json={"sample": {**ref, "prompt": "x" * 3990}, "image": "s/frame0.png"})
+        assert r.status_code == 413
+        r = c.post("/v1/describe", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_oversized_artifacts_are_refused_with_413(sample, tmp_path):
+    store, io, ref, video = sample
+    big = ArtifactIO(LocalStore(tmp_path))
+    big.put_video("v.mp4", np.zeros((85, 32, 32, 3), np.uint8), 16)  # 85 > 81 frames
+    with client_for("grounding", LocalStore(tmp_path)) as c:
+        r = c.post("/v1/describe", json={"sample": {**ref, "source_video": "v.mp4"}, "image": "v.mp4"})
+        assert r.status_code == 413 and "more than 81 frames" in r.json()["detail"]
+
+
+class EchoRequest(Strict):
+    value: int
+
+
+class EchoResponse(OpResponse):
+    value: int
+    batch: int
+
+
+class SlowEchoAPI(ModelAPI):
+    """Test double: echoes values, records batch sizes, with a controllable setup and predict delay."""
+
+    service = "echo"
+    operations = {"echo": (EchoRequest, EchoResponse)}
+
+    def __init__(self, setup_gate: threading.Event | None = None, predict_s: float = 0.0, fail_setup: bool = False):
+        self.setup_gate, self.predict_s, self.fail_setup = setup_gate, predict_s, fail_setup
+        self.batches: list[int] = []
+
+    def setup(self):
+        if self.setup_gate:
+            self.setup_gate.wait(10)
+        if self.fail_setup:
+            raise FileNotFoundError("/models/missing")
+
+    def decode_request(self, op, req):
+        return req.value
+
+    def predict(self, op, inputs):
+        self.batches.append(len(inputs))
+        time.sleep(self.predict_s)
+        return [(v, len(inputs)) for v in inputs]
+
+    def encode_response(self, op, output, req):
+        return EchoResponse(value=output[0], batch=output[1])
+
+
+def test_readiness_follows_setup_and_a_failed_load_is_reported():
+    gate = threading.Event()
+    with TestClient(build_app(SlowEchoAPI(setup_gate=gate), ServeSettings())) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert c.post("/v1/echo", json={"value": 1}).status_code == 503
+        gate.set()
+        for _ in range(100):
+            if c.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.02)
+        assert c.post("/v1/echo", json={"value": 7}).json()["value"] == 7
+    with TestClient(build_app(SlowEchoAPI(fail_setup=True), SETTINGS)) as c:
+        r = c.get("/healthz")
+        assert r.status_code == 500 and "/models/missing" in r.json()["error"]
+        assert c.get("/readyz").status_code == 503
+
+
+def test_batching_and_back_pressure():
+    api = SlowEchoAPI(predict_s=0.3)
+    settings = ServeSettings(load_in_background=False, max_batch_size=4, batch_timeout_s=0.1, max_pending=6)
+    with TestClient(build_app(api, settings)) as c, ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda v: c.post("/v1/echo", json={"value": v}), range(10)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(503) >= 1 and codes.count(200) >= 4  # at most 6 admitted at once, the rest told to retry
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "5" and "full" in r.json()["detail"] for r in refused)
+    ok = [r.json() for r in responses if r.status_code == 200]
+    assert all(o["value"] in range(10) for o in ok)
+    assert max(api.batches) > 1 and max(api.batches) <= 4  # requests were batched, never beyond the limit
+
+
+def test_api_key_and_metrics():
+    settings = ServeSettings(load_in_background=False, api_key="s3cret")
+    with TestClient(build_app(SlowEchoAPI(), settings)) as c:
+        assert c.post("/v1/echo", json={"value": 1}).status_code == 401
+        assert c.post("/v1/echo", json={"value": 1}, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.post("/v1/echo", json={"value": 2}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.post("/v1/echo", json={"value": 3}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        text = c.get("/metrics").text
+        assert c.get("/healthz").status_code == 200  # probes need no key
+    assert 'sparkle_requests_total{operation="echo",service="echo",status="401"} 2.0' in text
+    assert 'sparkle_requests_total{operation="echo",service="echo",status="200"} 2.0' in text
+    assert 'sparkle_batch_size_count{operation="echo",service="echo"} 2.0' in text
+    assert "sparkle_request_latency_seconds_bucket" in text and "sparkle_queue_depth" in text
+
+
+def test_openapi_documents_every_operation(sample):
+    store = sample[0]
+    with client_for("editscore", store) as c:
+        spec = c.get("/openapi.json").json()
+    assert set(spec["paths"]) >= {"/v1/score_image", "/v1/score_frames", "/healthz", "/readyz", "/metrics"}
+    assert "Score one image edit" in spec["paths"]["/v1/score_image"]["post"]["description"]
+
+
