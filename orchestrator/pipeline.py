@@ -69,6 +69,7 @@ class SampleTask(BaseModel):
     refs: dict[str, str] = Field(default_factory=dict)
     records: dict[str, dict] = Field(default_factory=dict)
     decisions: list[StageDecision] = Field(default_factory=list)
+    backends: dict[str, str] = Field(default_factory=dict)  # service -> backend name that served the sample
     status: Literal["running", "accepted", "rejected"] = "running"
     reason: str = ""
 
@@ -185,8 +186,10 @@ def stage3_background_video(task: SampleTask, env: StageEnv) -> SampleTask:
         "id": task.id, "prompt": task.prompt, "edit_type": task.edit_type,
         "round1_labels": [o.label for o in objects], "round1_objects": [o.model_dump() for o in objects]}
     if not any(o.bbox_2d for o in objects):
-        return _decide(task, 3, "background_video", False, "grounding round 1 found no foreground on frame 0",
-                       started)
+        task = _decide(task, 3, "foreground_grounding", False, "grounding round 1 found no foreground on frame 0",
+                       started, gate=True)
+        if task.status != "running":
+            return task
     plate = b.image_edit.remove_foreground(ctx, edited0, objects)
     env.put_image(task, "clean_plate", layout.clean_plate(task.edit_type, task.id), plate)
     removal = REMOVAL_INSTRUCTION.format(labels=", ".join(o.label for o in objects))
@@ -217,15 +220,19 @@ def stage4_bait(task: SampleTask, env: StageEnv) -> SampleTask:
     task.records["foreground_grounding_r2"] = {
         **r1, "frame_objects": [[o.model_dump() for o in objs] for objs in frame_objects]}
     anchors, skipped = anchors_from_round2(indices, frame_objects, w, h)
-    if not anchors:
-        return _decide(task, 4, "bait", False, "no 2-FPS frame has a grounded box: no usable anchor", started)
-    mask = run_bait(b.tracking, ctx, frames, anchors, env.config.bait.tie_is_foreground)
+    if anchors:
+        mask = run_bait(b.tracking, ctx, frames, anchors, env.config.bait.tie_is_foreground)
+    else:  # only reached with gates not enforced: the sample goes on with no foreground
+        mask = np.zeros((t, h, w), bool)
     task.refs["mask"] = env.io.put_mask(task.staged(layout.mask(task.edit_type, task.id)), mask)
     ctx.mask = mask
     scores = {"anchors": [a.frame_index for a in anchors], "skipped": skipped,
               "mask_fraction": round(float(mask.mean()), 4)}
+    if not anchors:
+        return _decide(task, 4, "bait", False, "no 2-FPS frame has a grounded box: no usable anchor", started,
+                       scores, gate=True)
     if not mask.any():
-        return _decide(task, 4, "bait", False, "the majority-vote mask is empty", started, scores)
+        return _decide(task, 4, "bait", False, "the majority-vote mask is empty", started, scores, gate=True)
     return _decide(task, 4, "bait", True, f"{len(anchors)} anchor passes voted ({len(skipped)} frames skipped)",
                    started, scores)
 
@@ -296,6 +303,7 @@ def run_sample(task: SampleTask, env: StageEnv,
     A rejected sample's report is kept at ``reports/{edit_type}/{id}.json``; an exception (bad input,
     backend failure) removes everything the sample staged and propagates.
     """
+    task.backends = env.backends.names()
     try:
         for name, stage in zip(STAGE_NAMES, STAGES):
             if on_stage:
@@ -322,7 +330,7 @@ def summary(task: SampleTask) -> dict:
     timings["total"] = round(sum(timings.values()), 3)
     return {"id": task.id, "edit_type": task.edit_type, "status": task.status, "reason": task.reason,
             "prompt": task.prompt, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene,
-            "shape": list(task.shape) if task.shape else None, "fps": task.fps,
+            "shape": list(task.shape) if task.shape else None, "fps": task.fps, "backends": task.backends,
             "stages": [d.model_dump() for d in task.decisions],
             "artifacts": {} if task.status != "accepted" else dict(task.refs), "timings": timings}
 

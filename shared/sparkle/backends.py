@@ -180,8 +180,33 @@ def load_backend(service: str, name: str, **options) -> Backend:
     return module.make_backend(**options)
 
 
+def options_from_env(environ=None) -> dict[str, dict]:
+    """Per-service backend options from the environment.
+
+    ``SPARKLE_MODEL_DIR_<SERVICE>`` (e.g. ``SPARKLE_MODEL_DIR_IMAGE_EDIT``) gives ``model_dir``;
+    ``SPARKLE_DEVICE`` gives every service's ``device``.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    out: dict[str, dict] = {}
+    for service in SERVICES:
+        opts = {}
+        if model_dir := environ.get(f"SPARKLE_MODEL_DIR_{service.upper()}"):
+            opts["model_dir"] = model_dir
+        if device := environ.get("SPARKLE_DEVICE"):
+            opts["device"] = device
+        out[service] = opts
+    return out
+
+
 def load_backends(profile: str = "cpu", options: dict[str, dict] | None = None) -> Backends:
-    """Instantiate and ``setup()`` the six backends of ``profile`` (``options[service]`` go to each)."""
+    """Instantiate and ``setup()`` the six backends of ``profile``.
+
+    ``options[service]`` go to each backend's ``make_backend``; by default they come from
+    :func:`options_from_env`.
+    """
+    options = options_from_env() if options is None else options
     made = {}
     for service in SERVICES:
         backend = load_backend(service, profile, **(options or {}).get(service, {}))

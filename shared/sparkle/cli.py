@@ -50,6 +50,10 @@ def replace(
     force: bool = typer.Option(False, "--force", help="keep a clip that the camera filter refuses"),
     gates: bool = typer.Option(True, "--gates/--no-gates", help="reject samples below the EditScore gates"),
     max_size: str = typer.Option("832x480", "--max-size", help="largest output size WxH (up to 1280x720)"),
+    max_frames: int = typer.Option(81, "--max-frames", min=5, max=81, help="frames kept from t=0 (then 4k+1)"),
+    profile: str = typer.Option("cpu", "--profile",
+                                help="backends: cpu (classical, default), tiny (random tiny models: use with "
+                                     "--no-gates), real (checkpoints from SPARKLE_MODEL_DIR_<SERVICE>)"),
     as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary on stdout"),
 ) -> None:
     """Replace the background of VIDEO as PROMPT says, writing every Sparkle artifact under OUT."""
@@ -57,9 +61,10 @@ def replace(
 
     try:
         long_side, short_side = _parse_size(max_size)
-        config = PipelineConfig(conform={"max_long_side": long_side, "max_short_side": short_side})
+        config = PipelineConfig(profile=profile, conform={"max_long_side": long_side, "max_short_side": short_side,
+                                                          "max_frames": max_frames})
     except (ValueError, typer.BadParameter) as exc:
-        err.print(f"[red]error:[/red] --max-size: {exc}")
+        err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
     started = time.perf_counter()
     try:

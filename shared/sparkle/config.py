@@ -75,7 +75,8 @@ class PipelineConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SPARKLE_", env_nested_delimiter="__", extra="forbid")
 
-    profile: Literal["cpu"] = "cpu"
+    profile: Literal["cpu", "tiny", "real"] = Field(
+        "cpu", description="which backend every service uses: cpu (classical), tiny (random tiny models), real")
     camera: CameraFilterConfig = CameraFilterConfig()
     gates: GateConfig = GateConfig()
     bait: BaitConfig = BaitConfig()
