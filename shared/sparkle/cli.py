@@ -34,6 +34,19 @@ def _parse_size(text: str) -> tuple[int, int]:
     return max(a, b), min(a, b)
 
 
+def _option_value(text: str):
+    """``--option`` values: true/false, integers and floats become those; anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 @app.callback()
 def main() -> None:
     """Sparkle Factory."""
@@ -118,6 +131,8 @@ def serve(
     store: Path = typer.Option(Path("data"), "--store", help="artifact store root (local directory)"),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="local checkpoint directory (real backend)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    option: list[str] = typer.Option([], "--option", help="backend option KEY=VALUE (repeatable), e.g. "
+                                     "--option lora_dir=/models/lightx2v --option cpu_offload=true"),
 ) -> None:
     """Start one model service (FastAPI under uvicorn). Shell settings: SPARKLE_SERVE_* variables."""
     import importlib
@@ -129,6 +144,12 @@ def serve(
     from .store import LocalStore
 
     options = {k: v for k, v in {"model_dir": model_dir, "device": device}.items() if v is not None}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            err.print(f"[red]error:[/red] --option expects KEY=VALUE, got {item!r}")
+            raise typer.Exit(1)
+        options[key] = _option_value(value)
     try:
         api_cls = importlib.import_module(f"sparkle.services.{service}.app").API
         api = api_cls(load_backend(service, backend, **options), LocalStore(store))

@@ -212,3 +212,24 @@ def test_openapi_documents_every_operation(sample):
     assert "Score one image edit" in spec["paths"]["/v1/score_image"]["post"]["description"]
 
 
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tracking", "--backend", "real", "--model-dir", "/nonexistent/sam3"], "/nonexistent/sam3"),
+    (["weather", "--backend", "cpu"], "unknown service"),
+    (["tracking", "--backend", "large"], "has no 'large' backend"),
+    (["i2v", "--backend", "cpu", "--option", "no-equals-sign"], "KEY=VALUE"),
+])
+def test_serve_fails_at_start_with_a_clear_message(args, message, tmp_path):
+    from ..conftest import sparkle
+
+    proc = sparkle("serve", *args, "--store", tmp_path, "--port", "0")
+    assert proc.returncode == 1
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_option_values_are_typed():
+    from sparkle.cli import _option_value
+
+    assert [_option_value(v) for v in ("true", "False", "3", "0.5", "/models/x")] == [True, False, 3, 0.5, "/models/x"]
