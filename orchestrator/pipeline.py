@@ -13,7 +13,7 @@ records; a rejected or failed sample leaves nothing in the layout (a rejected on
                    i2v.animate the clean plate into the background video
 4. BAIT            grounding round 2 at 2 FPS, one tracking pass per anchor, majority vote -> mask
 5. synthesis       decoupled Canny control video, control.synthesize, gate: mean O_score >= 8 on
-                   frames [1, 26, 51, 76]
+                   frames [1, 26, 51, 76] (spread the same way over shorter clips)
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from pydantic import BaseModel, Field
 from sparkle import layout
 from sparkle.algorithms.bait import anchors_from_round2, run_bait
 from sparkle.algorithms.camera import check_fixed_camera
-from sparkle.algorithms.control import decoupled_canny
+from sparkle.algorithms.control import control_video
+from sparkle.algorithms.gates import spread_frame_indices
 from sparkle.backends import Backends, SampleContext
 from sparkle.config import PipelineConfig
 from sparkle.artifacts import ArtifactIO
 from sparkle.errors import ArtifactMissing
+from sparkle.funnel import write_funnel
 from sparkle.media import conform, read_video, sample_indices
 from sparkle.store import ArtifactStore, staging_prefix
 
@@ -244,7 +246,8 @@ def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
     ctx, b, cfg = env.context(task), env.backends, env.config
     source = ctx.video.frames
     background = env.io.load_video(task.refs["background_video"]).frames
-    control = decoupled_canny(source, background, ctx.mask, cfg.control.canny_low, cfg.control.canny_high)
+    control = control_video(cfg.control.mode, source, background, ctx.mask, cfg.control.canny_low,
+                            cfg.control.canny_high)
     env.put_video(task, "canny_video", layout.canny_video(task.edit_type, task.id), control)
     edited0 = env.io.load_image(task.refs["edited_frame0"])
     edited = b.control.synthesize(ctx, control, background, edited0, ctx.mask, task.prompt)
@@ -252,7 +255,7 @@ def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
         raise ValueError(f"control backend {b.control.name} returned {edited.shape}, expected {source.shape}")
     env.put_video(task, "edited_video", layout.edited_video(task.edit_type, task.id), edited)
     stored = env.io.load_video(task.refs["edited_video"]).frames  # judge what is published, after encoding
-    indices = [i for i in cfg.gates.video_frame_indices if i < len(stored)]
+    indices = spread_frame_indices(len(stored), cfg.gates.video_frame_indices)
     scores = b.editscore.score_frames(ctx, source, stored, indices, task.prompt)
     task.records["edited_video_score"] = {"id": task.id, "prompt": task.prompt, "frame_indices": indices,
                                           "editscore": [s.model_dump() for s in scores], "scorer": b.editscore.name}
@@ -318,6 +321,7 @@ def run_sample(task: SampleTask, env: StageEnv,
             task.reason = "accepted at every stage"
             publish(task, env)
         env.store.put_json(layout.report(task.edit_type, task.id), summary(task))
+        write_funnel(env.store)
         return task
     finally:
         env.store.delete_prefix(staging_prefix(task.id))
@@ -325,13 +329,14 @@ def run_sample(task: SampleTask, env: StageEnv,
 
 
 def summary(task: SampleTask) -> dict:
-    """Machine-readable account of the sample: decisions, scores, artifact keys and timings (s)."""
+    """Machine-readable account of the sample: decisions, scores, the stage records (kept for rejected samples
+    too, with the reason), artifact keys and timings (s)."""
     timings = {d.name: d.seconds for d in task.decisions}
     timings["total"] = round(sum(timings.values()), 3)
     return {"id": task.id, "edit_type": task.edit_type, "status": task.status, "reason": task.reason,
             "prompt": task.prompt, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene,
             "shape": list(task.shape) if task.shape else None, "fps": task.fps, "backends": task.backends,
-            "stages": [d.model_dump() for d in task.decisions],
+            "stages": [d.model_dump() for d in task.decisions], "records": task.records,
             "artifacts": {} if task.status != "accepted" else dict(task.refs), "timings": timings}
 
 

@@ -110,3 +110,52 @@ def test_every_stage_declares_only_known_services():
     assert list(STAGE_SERVICES) == STAGE_NAMES
     used = {s for services in STAGE_SERVICES.values() for s in services}
     assert used == set(SERVICES)  # every model service is used by some stage, none is invented
+
+
+def test_judged_frames_are_spread_like_sparkles():
+    from sparkle.algorithms.gates import reason_kind, spread_frame_indices
+
+    assert spread_frame_indices(81) == [1, 26, 51, 76]
+    assert spread_frame_indices(57) == [1, 18, 35, 52]
+    assert spread_frame_indices(17) == [1, 5, 8, 12]
+    for t in range(1, 120):
+        idx = spread_frame_indices(t)
+        assert idx == sorted(set(idx)) and all(0 <= i < t for i in idx) and 1 <= len(idx) <= 4
+    assert reason_kind("EditScore overall 7.53 < 8.0") == reason_kind("EditScore overall 6.1 < 8.0")
+
+
+def test_control_variants():
+    from sparkle.algorithms.control import canny, control_video
+
+    rng = np.random.default_rng(3)
+    src = (rng.random((3, 32, 48, 3)) * 255).astype(np.uint8)
+    bg = (rng.random((3, 32, 48, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((3, 32, 48), bool)
+    mask[:, 8:24, 10:30] = True
+    fg_only = control_video("foreground_only", src, bg, mask)
+    assert not fg_only[~mask].any()
+    np.testing.assert_array_equal(fg_only[0, ..., 0][mask[0]], canny(src[0], 100, 200)[mask[0]])
+    paste = control_video("copy_paste", src, bg, mask)
+    np.testing.assert_array_equal(paste[mask], src[mask])
+    np.testing.assert_array_equal(paste[~mask], bg[~mask])
+    assert control_video("decoupled", src, bg, mask)[~mask].any()  # background edges outside
+    with pytest.raises(ValueError, match="unknown control mode"):
+        control_video("sketch", src, bg, mask)
+
+
+def test_temporal_stability_separates_a_steady_mask_from_a_drifting_one():
+    from sparkle.algorithms.bait import temporal_stability
+
+    steady = np.zeros((20, 40, 40), bool)
+    steady[:, 10:30, 10:30] = True
+    s = temporal_stability(steady)
+    assert s["mean_consecutive_iou"] == 1.0 and s["area_drift"] == 0.0 and s["empty_frames"] == 0
+    growing = np.zeros((20, 40, 40), bool)
+    for t in range(20):
+        growing[t, 10:12 + t, 10:30] = True
+    g = temporal_stability(growing)
+    assert g["mean_consecutive_iou"] < 0.95 and g["area_drift"] > 0.5
+    flicker = steady.copy()
+    flicker[::2] = False
+    f = temporal_stability(flicker)
+    assert f["empty_frames"] == 10 and f["mean_consecutive_iou"] == 0.0

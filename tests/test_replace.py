@@ -12,6 +12,7 @@ import pytest
 
 from sparkle import layout
 from sparkle.backends import load_backends
+from sparkle.config import PipelineConfig
 from sparkle.errors import InputError
 from sparkle.masks import unpack_mask
 from sparkle.media import fit_to, read_image, read_video
@@ -264,3 +265,37 @@ def test_python_api_validates_like_the_cli(tmp_path):
     with pytest.raises(InputError, match="prompt is empty"):
         replace_one(JUGGLE, "", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_funnel_counts_every_stage_and_rejected_samples_keep_their_records(tmp_path):
+    refused = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path)
+    assert refused.returncode == 3
+    env = {"SPARKLE_GATES__VIDEO_MIN_MEAN_O_SCORE": "10"}
+    late = sparkle("replace", PEDESTRIANS, "Replace the background with a beach", "-o", tmp_path, "--json", env=env)
+    assert late.returncode == 3
+    s = json.loads(late.stdout)
+    assert "stage 5 (synthesis)" in s["reason"]
+    assert set(s["records"]) == set(layout.RECORD_NAMES)  # every record survives the rejection...
+    report = json.loads((tmp_path / layout.report("location", s["id"])).read_text())
+    assert report["records"]["edited_video_score"]["frame_indices"] == [1, 18, 35, 52]  # 57 frames, spread
+    assert dataset_files(tmp_path) == []  # ...in the report, not in the dataset
+    funnel = json.loads(sparkle("funnel", tmp_path, "--json", check=True).stdout)
+    assert (funnel["samples"], funnel["accepted"], funnel["rejected"]) == (2, 0, 2)
+    stages = {s["name"]: s for s in funnel["stages"]}
+    assert (stages["camera_filter"]["in"], stages["camera_filter"]["out"]) == (2, 1)
+    assert list(stages["camera_filter"]["refused"]) == ["camera moves: median corner motion N px > N px per pair"]
+    assert (stages["synthesis"]["in"], stages["synthesis"]["out"]) == (1, 0)
+    assert json.loads((tmp_path / "reports" / "funnel.json").read_text()) == funnel
+    table = sparkle("funnel", tmp_path, check=True).stdout
+    assert "2 samples: 0 accepted, 2 rejected" in table and "camera_filter" in table
+
+
+def test_control_mode_is_selectable(tmp_path):
+    task, store = replace_one(PEDESTRIANS, "Replace the background with a beach", tmp_path,
+                              config=PipelineConfig(control={"mode": "copy_paste"}))
+    assert task.status == "accepted"
+    control = read_video(store.path(layout.canny_video("location", task.id))).frames
+    src = read_video(store.path(layout.source_video("location", task.id))).frames
+    mask = unpack_mask(store.path(layout.mask("location", task.id)).read_bytes())
+    inside = cv2.erode(mask[10].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    assert np.abs(control[10].astype(int) - src[10])[inside].mean() < 8  # source pixels pasted, not edges

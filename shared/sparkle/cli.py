@@ -67,6 +67,8 @@ def replace(
     profile: str = typer.Option("cpu", "--profile",
                                 help="backends: cpu (classical, default), tiny (random tiny models: use with "
                                      "--no-gates), real (checkpoints from SPARKLE_MODEL_DIR_<SERVICE>)"),
+    control: str = typer.Option("decoupled", "--control",
+                                help="control video: decoupled (Sparkle), foreground_only or copy_paste"),
     as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary on stdout"),
 ) -> None:
     """Replace the background of VIDEO as PROMPT says, writing every Sparkle artifact under OUT."""
@@ -75,7 +77,7 @@ def replace(
     try:
         long_side, short_side = _parse_size(max_size)
         config = PipelineConfig(profile=profile, conform={"max_long_side": long_side, "max_short_side": short_side,
-                                                          "max_frames": max_frames})
+                                                          "max_frames": max_frames}, control={"mode": control})
     except (ValueError, typer.BadParameter) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
@@ -120,6 +122,30 @@ def replace(
             typer.echo(f"{task.id}: {task.status}: {task.reason}{hint}")
     if task.status != "accepted":
         raise typer.Exit(EXIT_REJECTED)
+
+
+@app.command()
+def funnel(
+    out: Path = typer.Argument(Path("out"), help="dataset root written by replace"),
+    as_json: bool = typer.Option(False, "--json", help="print the funnel as JSON"),
+) -> None:
+    """Samples in and out of every stage, with the reasons for refusals (also in OUT/reports/funnel.json)."""
+    from .funnel import write_funnel
+    from .store import LocalStore
+
+    if not out.is_dir():
+        err.print(f"[red]error:[/red] no such folder: {out}")
+        raise typer.Exit(1)
+    result = write_funnel(LocalStore(out))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table("stage", "in", "out", "refused (count: reason)", title=(
+        f"{result['samples']} samples: {result['accepted']} accepted, {result['rejected']} rejected"))
+    for s in result["stages"]:
+        refused = "; ".join(f"{n}: {why}" for why, n in s["refused"].items())
+        table.add_row(f"{s['stage']} {s['name']}", str(s["in"]), str(s["out"]), refused)
+    Console().print(table)
 
 
 @app.command()

@@ -35,7 +35,8 @@ class GateConfig(BaseModel):
     frame0_edit_min_overall: float = Field(8.0, ge=0, le=10)
     fg_removal_min_overall: float = Field(8.5, ge=0, le=10)
     video_min_mean_o_score: float = Field(8.0, ge=0, le=10)
-    video_frame_indices: tuple[int, ...] = (1, 26, 51, 76)
+    video_frame_indices: tuple[int, ...] = Field(
+        (1, 26, 51, 76), description="frames judged for 81-frame clips; spread the same way for shorter ones")
 
 
 class BaitConfig(BaseModel):
@@ -64,10 +65,18 @@ class ConformConfig(BaseModel):
 
 
 class ControlConfig(BaseModel):
-    """Decoupled Canny control video (stage 5)."""
+    """Stage 5's control video (``edited_video_canny/{id}.mp4``).
 
-    canny_low: int = 100
-    canny_high: int = 200
+    ``mode``: ``decoupled`` (Sparkle: Canny of the source inside the mask, of the background video outside),
+    or the two signals the paper compares against: ``foreground_only`` (source edges inside the mask, nothing
+    outside) and ``copy_paste`` (source pixels inside the mask pasted over the background video). Canny
+    thresholds 100/200: OpenCV's customary pair (2:1 ratio, as Canny recommends), used by the Wan Fun-Control
+    preprocessors.
+    """
+
+    mode: Literal["decoupled", "foreground_only", "copy_paste"] = "decoupled"
+    canny_low: int = Field(100, ge=0, le=255)
+    canny_high: int = Field(200, ge=0, le=255)
 
 
 class PipelineConfig(BaseSettings):

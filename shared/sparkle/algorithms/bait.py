@@ -59,3 +59,31 @@ def run_bait(tracker: Tracker, ctx: SampleContext, frames: np.ndarray, anchors: 
     if passes != len(anchors):
         raise ValueError(f"tracker {tracker.name} made {passes} passes for {len(anchors)} anchors")
     return majority_vote(votes, passes, tie_is_foreground)
+
+
+def temporal_stability(mask: np.ndarray) -> dict:
+    """Temporal stability of a ``(T, H, W) bool`` mask, for comparing BAIT with single-anchor tracking.
+
+    - ``mean_consecutive_iou``: mean IoU of frames t and t+1 over pairs whose union is not empty (1.0 is a
+      mask that never changes; a flickering or drifting mask scores lower);
+    - ``area_drift``: ``|mean area of the last quarter - mean area of the first quarter| / mean area``, the
+      relative growth or shrinkage of the mask over the clip (0.0 is no trend);
+    - ``area_cv``: coefficient of variation of the per-frame area (std / mean);
+    - ``empty_frames``: frames with no foreground at all.
+    """
+    t = len(mask)
+    flat = mask.reshape(t, -1)
+    area = flat.sum(axis=1).astype(np.float64)
+    ious = []
+    for a, b in zip(flat[:-1], flat[1:]):
+        union = np.logical_or(a, b).sum()
+        if union:
+            ious.append(np.logical_and(a, b).sum() / union)
+    q = max(1, t // 4)
+    mean_area = area.mean()
+    return {
+        "mean_consecutive_iou": round(float(np.mean(ious)), 4) if ious else 0.0,
+        "area_drift": round(float(abs(area[-q:].mean() - area[:q].mean()) / mean_area), 4) if mean_area else 0.0,
+        "area_cv": round(float(area.std() / mean_area), 4) if mean_area else 0.0,
+        "empty_frames": int((area == 0).sum()),
+    }
