@@ -30,14 +30,17 @@ def _existing_indices(store: ArtifactStore, edit_type: str) -> set[int]:
     return out
 
 
-def validate_inputs(video: str | Path, prompt: str, edit_type: str, background: str | Path | None) -> str:
-    """Check everything a user gives before anything is written. Returns the stripped prompt.
+def validate_inputs(video: str | Path, prompt: str | None, edit_type: str, background: str | Path | None) -> str | None:
+    """Check everything a user gives before anything is written. Returns the stripped prompt (None: to be
+    written from the catalogue).
 
     Raises InputError: empty prompt, unknown theme, missing/empty/undecodable video or background.
     """
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise InputError("the prompt is empty: say what the new background should be")
+    if prompt is not None:
+        prompt = prompt.strip()
+        if not prompt:
+            raise InputError("the prompt is empty: say what the new background should be (or leave it out to "
+                             "have one written from the theme catalogue)")
     try:
         layout.check_edit_type(edit_type)
     except ValueError as exc:
@@ -65,7 +68,7 @@ def default_keyword(prompt: str) -> str:
     return f"custom: {scene or 'scene'}"
 
 
-def replace_one(video: str | Path, prompt: str, out_dir: str | Path, edit_type: str = "location",
+def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit_type: str = "location",
                 background: str | Path | None = None, chosen_keyword: str | None = None, force: bool = False,
                 enforce_gates: bool = True, config: PipelineConfig | None = None, backends: Backends | None = None,
                 on_stage: Callable | None = None) -> tuple[SampleTask, LocalStore]:
@@ -86,7 +89,10 @@ def replace_one(video: str | Path, prompt: str, out_dir: str | Path, edit_type: 
     if background is not None:
         bg = Path(background)
         background_key = store.put_file(staging_prefix(sid) + f"inputs/background{bg.suffix.lower()}", bg)
-    task = SampleTask(id=sid, edit_type=edit_type, prompt=prompt,
-                      chosen_keyword=None if edit_type == "openve3m" else (chosen_keyword or default_keyword(prompt)),
+    if edit_type == "openve3m":
+        chosen_keyword = None
+    elif prompt and not chosen_keyword:
+        chosen_keyword = default_keyword(prompt)
+    task = SampleTask(id=sid, edit_type=edit_type, prompt=prompt or "", chosen_keyword=chosen_keyword,
                       source_key=source_key, background_key=background_key, force=force, enforce_gates=enforce_gates)
     return run_sample(task, StageEnv(store, backends, config), on_stage), store

@@ -7,7 +7,8 @@ functions run in-process (the embedded default, :func:`run_sample`) and on queue
 stage accepts the sample, :func:`publish` moves the staged artifacts into the Sparkle layout and adds the
 records; a rejected or failed sample leaves nothing in the layout (a rejected one leaves its report).
 
-1. camera filter   optical flow + RANSAC homography at 2 FPS; a moving camera is refused (unless forced)
+1. camera filter   optical flow + RANSAC homography at 2 FPS, then the VLM's fine check; a moving camera is
+                   refused (unless forced); the instruction is written from the catalogue if none was given
 2. frame-0 edit    image_edit.edit_background, gate: EditScore overall >= 8
 3. background      grounding round 1 on frame 0, image_edit.remove_foreground (gate: overall >= 8.5),
                    i2v.animate the clean plate into the background video
@@ -151,13 +152,50 @@ def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
 # --- stage 1: fixed-camera filter -----------------------------------------------------------------------
 
 def stage1_camera_filter(task: SampleTask, env: StageEnv) -> SampleTask:
+    """Coarse filter (flow + RANSAC homography, cheap, CPU), then the fine VLM check on 2-FPS frames."""
     started = time.perf_counter()
     ctx = env.context(task)
     d = check_fixed_camera(ctx.video.frames, ctx.video.fps, env.config.camera)
     reason = d.reason
     if not d.accepted and task.force:
         reason = f"forced: {reason}"
-    return _decide(task, 1, "camera_filter", d.accepted or task.force, reason, started, d.as_dict())
+    task = _decide(task, 1, "camera_filter", d.accepted or task.force, reason, started, d.as_dict())
+    if task.status != "running":
+        return task
+    started = time.perf_counter()
+    indices = sample_indices(len(ctx.video.frames), ctx.video.fps, env.config.camera.sample_fps)
+    moves, reason = env.backends.grounding.check_camera_motion(ctx, ctx.video.frames[indices],
+                                                               env.config.camera.sample_fps)
+    if moves and task.force:
+        reason, moves = f"forced: {reason}", False
+    return _decide(task, 1, "camera_filter_fine", not moves, reason, started, {"frames": len(indices)}, gate=True)
+
+
+def write_prompt(task: SampleTask, env: StageEnv) -> SampleTask:
+    """Stage 1's instruction writing, for a sample that came without a prompt.
+
+    The scene comes from the catalogue (``chosen_keyword``, picked from the sample id unless given) and the
+    grounding service writes the instruction from source frame 0; an empty answer falls back to the
+    catalogue's template. ``original_scene`` is the grounding service's description of frame 0.
+    """
+    started = time.perf_counter()
+    ctx = env.context(task)
+    frame0 = ctx.video.frames[0]
+    task.original_scene = env.backends.grounding.describe_scene(ctx, frame0)
+    if task.prompt:
+        return _decide(task, 1, "instruction", True, "given by the user", started)
+    from sparkle.catalogue import load_catalogue, write_instruction
+
+    if task.edit_type != "openve3m" and not task.chosen_keyword:
+        task.chosen_keyword = load_catalogue(env.config.catalogue).sample_one(task.edit_type, task.id).chosen_keyword
+    text = env.backends.grounding.write_instruction(ctx, frame0, task.edit_type, task.chosen_keyword).strip()
+    source = "written by the grounding service"
+    if not text:
+        catalogue = load_catalogue(env.config.catalogue)
+        choice = catalogue.sample_one(task.edit_type if task.edit_type != "openve3m" else "location", task.id)
+        text, source = write_instruction(choice), "the grounding service wrote nothing: catalogue template"
+    task.prompt = ctx.prompt = text
+    return _decide(task, 1, "instruction", True, source, started, {"chosen_keyword": task.chosen_keyword})
 
 
 # --- stage 2: edit frame 0's background -----------------------------------------------------------------
@@ -166,7 +204,6 @@ def stage2_edit_frame0(task: SampleTask, env: StageEnv) -> SampleTask:
     started = time.perf_counter()
     ctx, b = env.context(task), env.backends
     frame0 = ctx.video.frames[0]
-    task.original_scene = b.grounding.describe_scene(ctx, frame0)
     edited = b.image_edit.edit_background(ctx, frame0, task.prompt)
     env.put_image(task, "edited_frame0", layout.edited_frame0(task.edit_type, task.id), edited)
     score = b.editscore.score_image(ctx, frame0, edited, task.prompt, "edit_background")
@@ -266,11 +303,13 @@ def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
 
 
 STAGES: list[Callable[[SampleTask, StageEnv], SampleTask]] = [
-    ingest, stage1_camera_filter, stage2_edit_frame0, stage3_background_video, stage4_bait, stage5_synthesis]
-STAGE_NAMES = ["ingest", "camera_filter", "frame0_edit", "background_video", "bait", "synthesis"]
+    ingest, stage1_camera_filter, write_prompt, stage2_edit_frame0, stage3_background_video, stage4_bait,
+    stage5_synthesis]
+STAGE_NAMES = ["ingest", "camera_filter", "instruction", "frame0_edit", "background_video", "bait", "synthesis"]
 STAGE_SERVICES: dict[str, tuple[str, ...]] = {
     "ingest": (),
-    "camera_filter": (),
+    "camera_filter": ("grounding",),
+    "instruction": ("grounding",),
     "frame0_edit": ("grounding", "image_edit", "editscore"),
     "background_video": ("grounding", "image_edit", "editscore", "i2v"),
     "bait": ("grounding", "tracking"),

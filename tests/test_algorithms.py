@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -159,3 +160,22 @@ def test_temporal_stability_separates_a_steady_mask_from_a_drifting_one():
     flicker[::2] = False
     f = temporal_stability(flicker)
     assert f["empty_frames"] == 10 and f["mean_consecutive_iou"] == 0.0
+
+
+def test_cpu_fine_filter_sees_a_slow_drift_that_the_coarse_filter_lets_through():
+    from sparkle.backends import load_backend
+
+    grounder = load_backend("grounding", "cpu")
+    v = conform(read_video(JUGGLE), ConformConfig())
+    idx = list(range(0, len(v.frames), 8))
+    ctx = SampleContext("still", "p", v)
+    moves, reason = grounder.check_camera_motion(ctx, v.frames[idx])
+    assert not moves, reason
+    # 0.6 px per pair (under the coarse filter's 1 px) adds up to 6 px over the clip: a slow pan
+    shifts = [np.float32([[1, 0, 0.6 * k], [0, 1, 0]]) for k in range(len(idx))]
+    h, w = v.frames.shape[1:3]
+    drifting = np.stack([cv2.warpAffine(v.frames[i], m, (w, h), borderMode=cv2.BORDER_REFLECT) for i, m in zip(idx, shifts)])
+    pan = Video(np.repeat(drifting, 8, axis=0)[:len(v.frames)], v.fps)
+    assert check_fixed_camera(pan.frames, pan.fps, CameraFilterConfig()).accepted  # coarse: fine per pair
+    moves, reason = grounder.check_camera_motion(SampleContext("pan", "p", pan), pan.frames[idx])
+    assert moves and "residual camera drift" in reason

@@ -34,6 +34,6 @@ def test_profile_tiny_runs_every_service_and_writes_the_layout(tmp_path):
         assert read_image(tmp_path / key).shape == (h, w, 3)
     assert unpack_mask((tmp_path / layout.mask(et, sid)).read_bytes()).shape == (t, h, w)
     score = json.loads((tmp_path / layout.record(et, "edited_video_score")).read_text().splitlines()[0])
-    assert score["scorer"] == s["backends"]["editscore"] and score["frame_indices"] == [1]
+    assert score["scorer"] == s["backends"]["editscore"] and score["frame_indices"] == [1, 5, 8, 12]  # spread over 17 frames
     assert all(0 <= e["O_score"] <= 10 for e in score["editscore"])
     assert not np.array_equal(edited.frames, src.frames)  # the synthesis produced new pixels

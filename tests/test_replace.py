@@ -138,16 +138,19 @@ def test_foreground_stays_and_background_changes(juggle_run):
 
 def test_json_summary_reports_every_stage(juggle_run):
     summary, out = juggle_run
-    assert [s["name"] for s in summary["stages"]] == ["ingest", "camera_filter", "frame0_edit",
-                                                      "background_video", "bait", "synthesis"]
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert [s["name"] for s in summary["stages"]] == ["ingest", "camera_filter", "camera_filter_fine", "instruction",
+                                                      "frame0_edit", "background_video", "bait", "synthesis"]
     assert all(s["accepted"] for s in summary["stages"])
-    assert summary["stages"][1]["scores"]["corner_px"] < 1.0
-    assert summary["stages"][5]["scores"]["mean_O_score"] >= 8.0
+    assert stages["camera_filter"]["scores"]["corner_px"] < 1.0
+    assert "no residual camera motion" in stages["camera_filter_fine"]["reason"]
+    assert stages["instruction"]["reason"] == "given by the user"
+    assert stages["synthesis"]["scores"]["mean_O_score"] >= 8.0
     assert set(summary["timings"]) >= {"ingest", "bait", "synthesis", "total", "wall"}
     for path in summary["artifacts"].values():
         assert os.path.isfile(path)
     report = json.loads((out / layout.report("location", summary["id"])).read_text())
-    assert report["status"] == "accepted" and len(report["stages"]) == 6
+    assert report["status"] == "accepted" and len(report["stages"]) == 8
 
 
 def test_handheld_clip_is_refused_with_a_clear_message(tmp_path):
@@ -155,7 +158,7 @@ def test_handheld_clip_is_refused_with_a_clear_message(tmp_path):
     assert proc.returncode == 3
     assert "camera moves" in proc.stdout and "--force" in proc.stdout
     assert dataset_files(tmp_path) == []
-    report = json.loads(next((tmp_path / "reports").rglob("*.json")).read_text())
+    report = json.loads(next((tmp_path / "reports" / "location").glob("*.json")).read_text())
     assert report["status"] == "rejected" and report["stages"][-1]["name"] == "camera_filter"
 
 
@@ -163,8 +166,9 @@ def test_force_keeps_a_handheld_clip(tmp_path):
     proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path, "--force",
                    "--max-size", "416x240", "--json")
     summary = json.loads(proc.stdout)
-    camera = summary["stages"][1]
+    camera, fine = summary["stages"][1], summary["stages"][2]
     assert camera["accepted"] and camera["reason"].startswith("forced: camera moves")
+    assert fine["name"] == "camera_filter_fine" and fine["reason"].startswith("forced: residual camera drift")
     assert summary["shape"] == [81, 224, 416]  # 416x234 after scaling, cropped to multiples of 16
     assert len(summary["stages"]) > 2  # the journey went on past stage 1
 
@@ -233,7 +237,8 @@ def test_gates_reject_and_no_gates_keeps(tmp_path):
     assert lenient.returncode == 0, lenient.stderr
     s = json.loads(lenient.stdout)
     assert s["id"] == "Sparkle_location_000001"  # the rejected sample kept its id
-    assert not s["stages"][2]["accepted"] and "not enforced" in s["stages"][2]["reason"]
+    edit = next(d for d in s["stages"] if d["name"] == "frame0_edit")
+    assert not edit["accepted"] and "not enforced" in edit["reason"]
     assert len(dataset_files(tmp_path)) > 10
 
 
@@ -299,3 +304,28 @@ def test_control_mode_is_selectable(tmp_path):
     mask = unpack_mask(store.path(layout.mask("location", task.id)).read_bytes())
     inside = cv2.erode(mask[10].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     assert np.abs(control[10].astype(int) - src[10])[inside].mean() < 8  # source pixels pasted, not edges
+
+
+def test_without_a_prompt_the_instruction_comes_from_the_catalogue(tmp_path):
+    from sparkle.catalogue import load_catalogue
+
+    proc = sparkle("replace", PEDESTRIANS, "-o", tmp_path, "--theme", "time", "--json", check=True)
+    s = json.loads(proc.stdout)
+    keyword = s["chosen_keyword"]
+    assert keyword in load_catalogue().keywords("time")
+    assert keyword.split(": ")[1] in s["prompt"]  # the cpu writer fills the catalogue template
+    assert next(d for d in s["stages"] if d["name"] == "instruction")["accepted"]
+    meta = json.loads((tmp_path / layout.prompts_metadata("time")).read_text())
+    assert meta["metadata"]["chosen_keyword"] == keyword and meta["prompt"] == s["prompt"]
+    again = json.loads(sparkle("replace", PEDESTRIANS, "-o", tmp_path / "again", "--theme", "time", "--json",
+                               check=True).stdout)
+    assert again["chosen_keyword"] == keyword  # picked from the sample id: deterministic
+
+
+def test_catalogue_command_is_balanced_and_deterministic():
+    first = json.loads(sparkle("catalogue", "--theme", "season", "-n", "8", "--seed", "5", "--json", check=True).stdout)
+    second = json.loads(sparkle("catalogue", "--theme", "season", "-n", "8", "--seed", "5", "--json", check=True).stdout)
+    assert first == second
+    subthemes = [c["chosen_keyword"].split(": ")[0] for c in first["choices"]]
+    assert sorted(subthemes) == sorted(["spring", "summer", "autumn", "winter"] * 2)
+    assert sparkle("catalogue", "--theme", "weather").returncode == 1

@@ -98,6 +98,13 @@ class Grounder(Backend, Protocol):
                       labels: list[str]) -> list[list[GroundedObject]]:
         """Re-locate every label on each of ``frames`` ``(N, H, W, 3)``: N lists, one object per label."""
 
+    def check_camera_motion(self, ctx: SampleContext, frames: np.ndarray, sample_fps: float = 2.0) -> tuple[bool, str]:
+        """Stage 1's fine filter on ``frames`` ``(N, H, W, 3)`` sampled at ``sample_fps``: ``(camera_moves, reason)``."""
+
+    def write_instruction(self, ctx: SampleContext, frame0: np.ndarray, edit_type: str,
+                          chosen_keyword: str | None) -> str:
+        """A background-replacement instruction for theme ``edit_type`` and ``"subtheme: scene"`` keyword."""
+
 
 class ImageEditor(Backend, Protocol):
     """Image editing service (FLUX.2-klein)."""

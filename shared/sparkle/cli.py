@@ -55,7 +55,8 @@ def main() -> None:
 @app.command()
 def replace(
     video: Path = typer.Argument(..., help="source video (a fixed-camera clip)"),
-    prompt: str = typer.Argument(..., help='instruction, e.g. "Replace the background with a snowy village"'),
+    prompt: Optional[str] = typer.Argument(None, help='instruction, e.g. "Replace the background with a snowy '
+                                           'village"; omitted: written from the theme catalogue'),
     out: Path = typer.Option(Path("out"), "-o", "--out", help="dataset root to write the sample into"),
     theme: str = typer.Option("location", "--theme", help="edit_type: location, season, time, style, openve3m"),
     background: Optional[Path] = typer.Option(None, "--background", help="image or video to use as the new background"),
@@ -67,6 +68,7 @@ def replace(
     profile: str = typer.Option("cpu", "--profile",
                                 help="backends: cpu (classical, default), tiny (random tiny models: use with "
                                      "--no-gates), real (checkpoints from SPARKLE_MODEL_DIR_<SERVICE>)"),
+    catalogue: Optional[Path] = typer.Option(None, "--catalogue", help="theme catalogue JSON (default: packaged)"),
     control: str = typer.Option("decoupled", "--control",
                                 help="control video: decoupled (Sparkle), foreground_only or copy_paste"),
     as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary on stdout"),
@@ -77,7 +79,8 @@ def replace(
     try:
         long_side, short_side = _parse_size(max_size)
         config = PipelineConfig(profile=profile, conform={"max_long_side": long_side, "max_short_side": short_side,
-                                                          "max_frames": max_frames}, control={"mode": control})
+                                                          "max_frames": max_frames}, control={"mode": control},
+                                catalogue=str(catalogue) if catalogue else None)
     except (ValueError, typer.BadParameter) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
@@ -122,6 +125,33 @@ def replace(
             typer.echo(f"{task.id}: {task.status}: {task.reason}{hint}")
     if task.status != "accepted":
         raise typer.Exit(EXIT_REJECTED)
+
+
+@app.command("catalogue")
+def catalogue_cmd(
+    theme: str = typer.Option("location", "--theme", help="location, season, time or style"),
+    n: int = typer.Option(10, "-n", min=0, help="how many choices to sample"),
+    seed: int = typer.Option(0, "--seed"),
+    file: Optional[Path] = typer.Option(None, "--file", help="a catalogue JSON (default: the packaged one)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Sample instructions from the theme catalogue: deterministic per seed, balanced over subthemes and scenes."""
+    from .catalogue import load_catalogue, write_instruction
+
+    try:
+        cat = load_catalogue(file)
+        choices = cat.sample(theme, n, seed)
+    except (SparkleError, ValueError, KeyError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    rows = [{"chosen_keyword": c.chosen_keyword, "prompt": write_instruction(c)} for c in choices]
+    if as_json:
+        typer.echo(json.dumps({"stats": cat.stats().model_dump(), "choices": rows}, indent=2))
+        return
+    table = Table("chosen_keyword", "instruction", title=f"{theme}: {n} choices, seed {seed}")
+    for r in rows:
+        table.add_row(r["chosen_keyword"], r["prompt"])
+    Console().print(table)
 
 
 @app.command()

@@ -63,6 +63,28 @@ class FrameObjectsResponse(OpResponse):
     frame_objects: list[list[GroundedObject]]
 
 
+class CameraMotionRequest(Strict):
+    sample: SampleRef
+    frame_indices: list[int] = Field(min_length=2, max_length=81, description="source frames, sampled at 2 FPS")
+    sample_fps: float = Field(2.0, gt=0)
+
+
+class CameraMotionResponse(OpResponse):
+    camera_motion: bool
+    reason: str
+
+
+class InstructionRequest(Strict):
+    sample: SampleRef
+    image: str = Field(description="key of source frame 0")
+    edit_type: str
+    chosen_keyword: str | None = Field(None, description="'subtheme: scene'; None for openve3m")
+
+
+class TextResponse(OpResponse):
+    text: str
+
+
 # --- image_edit ------------------------------------------------------------------------------------------
 
 class EditBackgroundRequest(Strict):

@@ -61,6 +61,11 @@ def test_six_services_answer_every_operation_on_cpu(sample):
         r2 = c.post("/v1/ground_round2", json={"sample": ref, "frame_indices": [0, 5, 10, 15], "labels": labels}).json()
         assert len(r2["frame_objects"]) == 4 and all([o["label"] for o in f] == labels for f in r2["frame_objects"])
         assert set(r2["timings"]) >= {"decode", "queue_and_predict", "encode", "total"}
+        r = c.post("/v1/check_camera_motion", json={"sample": ref, "frame_indices": [0, 5, 10, 15]}).json()
+        assert r["camera_motion"] is False and "no residual camera motion" in r["reason"]
+        r = c.post("/v1/write_instruction", json={"sample": ref, "image": "s/frame0.png", "edit_type": "location",
+                                                  "chosen_keyword": "urban: rooftop overlooking skyline"}).json()
+        assert "rooftop overlooking skyline" in r["text"]
     with client_for("image_edit", store) as c:
         r = c.post("/v1/edit_background", json={"sample": ref, "image": "s/frame0.png",
                                                 "instruction": ref["prompt"], "output": "s/edited0.png"}).json()
