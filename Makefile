@@ -6,7 +6,7 @@ CLIP   ?= ../shared/data/videos/static_01_juggle.mp4
 PROMPT ?= Replace the background with a snowy mountain village at dusk, with softly falling snow
 OUT    ?= out
 
-.PHONY: install install-all demo test clean
+.PHONY: install install-all demo test bench clean
 
 install: $(VENV)/.installed          # the embedded default (cpu profile)
 install-all: $(VENV)/.installed-all  # + the model services (torch, transformers, diffusers, ...; ~6 GB)
@@ -35,6 +35,10 @@ demo: install
 
 test: install-all
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/camera_filter.py
+	$(BIN)/python benchmarks/bait_stability.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache *.egg-info

@@ -127,6 +127,15 @@ def replace(
         raise typer.Exit(EXIT_REJECTED)
 
 
+def _register_filter() -> None:
+    from .filter_cli import filter_command
+
+    app.command("filter")(filter_command)
+
+
+_register_filter()
+
+
 @app.command("catalogue")
 def catalogue_cmd(
     theme: str = typer.Option("location", "--theme", help="location, season, time or style"),
