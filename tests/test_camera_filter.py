@@ -290,3 +290,16 @@ def test_the_sparkle_console_command_registers_filter():
     results = {Path(r["video"]).name: r for r in _json.loads(proc.stdout)}
     assert results["static_01_juggle.mp4"]["accepted"] and results["static_03_pedestrians_vtest.mp4"]["accepted"]
     assert not results["moving_01_bedroom.mp4"]["accepted"]
+
+
+def test_the_pipeline_reads_rotated_files_upright_too(tmp_path):
+    from sparkle.media import read_video
+
+    a = np.zeros((H, W), np.uint8)
+    a[:40, :60] = 255  # top-left of the stored frame
+    p = write_clip(tmp_path / "marker.mp4", np.stack([a] * 5), fps=10, rotation=-90)  # phone "rotate=90"
+    v = read_video(p)
+    t, h, w = v.shape
+    assert (h, w) == (W, H)  # portrait
+    grey = v.frames[0].mean(axis=-1)
+    assert grey[:40, -40:].mean() > 200 and grey[:40, :40].mean() < 50  # the marker is top-right, as the filter sees it

@@ -48,8 +48,25 @@ def check_input_file(path: str | os.PathLike, what: str = "video") -> Path:
     return p
 
 
+def display_rotation(stream, frame) -> int:
+    """Display rotation in degrees counter-clockwise (0, 90, 180, 270) from the frame's display matrix
+    (PyAV ``VideoFrame.rotation``) or, failing that, the stream's legacy ``rotate`` tag (clockwise)."""
+    rot = 0
+    try:
+        rot = int(round(frame.rotation or 0))
+    except (AttributeError, TypeError, ValueError):
+        rot = 0
+    if not rot:
+        tag = (stream.metadata or {}).get("rotate")
+        try:
+            rot = -int(float(tag)) if tag else 0
+        except ValueError:
+            rot = 0
+    return int(round(rot / 90.0)) * 90 % 360
+
+
 def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Video:
-    """Decode up to ``max_frames`` frames from t=0 (all if None).
+    """Decode up to ``max_frames`` frames from t=0 (all if None), upright (display rotation applied).
 
     Raises InputError for a missing, empty or undecodable file, or one without a video stream/frames.
     """
@@ -62,9 +79,12 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Video:
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
-            frames = []
+            frames, rot = [], None
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                if rot is None:
+                    rot = display_rotation(stream, frame)
+                arr = frame.to_ndarray(format="rgb24")
+                frames.append(np.ascontiguousarray(np.rot90(arr, k=rot // 90)) if rot else arr)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except InputError:

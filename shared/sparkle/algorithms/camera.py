@@ -47,7 +47,7 @@ import numpy as np
 
 from ..config import CameraFilterConfig
 from ..errors import InputError
-from ..media import check_input_file, sample_indices
+from ..media import check_input_file, display_rotation, sample_indices
 
 GRID = (8, 6)  # feature-selection cells (x, y); 48 cells of 80x60 px at 640x360
 NMS_PX = 7  # local-maximum window of the corner score, px at half analysis size (~14 px at full size)
@@ -281,23 +281,6 @@ def check_fixed_camera(frames: np.ndarray, fps: float, cfg: CameraFilterConfig) 
 
 # --- sparse decoding ---------------------------------------------------------------------------------
 
-def _rotation(stream, frame) -> int:
-    """Display rotation in degrees counter-clockwise (0, 90, 180, 270) from the frame's display matrix
-    (PyAV ``VideoFrame.rotation``) or, failing that, the stream's legacy ``rotate`` tag (clockwise)."""
-    rot = 0
-    try:
-        rot = int(round(frame.rotation or 0))
-    except (AttributeError, TypeError, ValueError):
-        rot = 0
-    if not rot:
-        tag = (stream.metadata or {}).get("rotate")
-        try:
-            rot = -int(float(tag)) if tag else 0
-        except ValueError:
-            rot = 0
-    return int(round(rot / 90.0)) * 90 % 360
-
-
 _PLANAR_YUV = {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "nv21", "yuv410p",
                "yuv411p", "yuv440p"}
 """8-bit pixel formats whose first plane is full-resolution luma (read directly instead of through swscale)."""
@@ -373,7 +356,7 @@ def read_sampled_grey(path: str | os.PathLike, sample_fps: float = 2.0, width: i
                     t_abs = n / fps_guess
                 if t0 is None:
                     t0 = t_abs
-                    rot = _rotation(stream, frame)
+                    rot = display_rotation(stream, frame)
                     sw, sh = frame.width, frame.height
                     uw, uh = (sh, sw) if rot % 180 else (sw, sh)
                     ah = max(16, round(uh * width / uw))
