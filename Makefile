@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.venv-created
 	@touch $@
 
 $(VENV)/.installed-all: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev,serve,models]'
+	$(BIN)/pip install -q -e '.[dev,serve,models,distributed,bench]'
 	@touch $@
 
 demo: install

@@ -30,7 +30,23 @@ class ArtifactIO:
         self.max_pixels = max_pixels
         self._videos: OrderedDict[str, Video] = OrderedDict()
         self._contexts: OrderedDict[str, SampleContext] = OrderedDict()
+        self._origins: OrderedDict[int, tuple[np.ndarray, str]] = OrderedDict()
         self._cache_size = cache_size
+
+    def _remember(self, array: np.ndarray, key: str) -> np.ndarray:
+        """Note that ``array`` (this very object) is stored at ``key`` (see :meth:`origin`)."""
+        self._origins[id(array)] = (array, key)  # holding the array keeps its id from being reused
+        while len(self._origins) > 4 * self._cache_size:
+            self._origins.popitem(last=False)
+        return array
+
+    def origin(self, array: np.ndarray) -> str | None:
+        """The key ``array`` was loaded from or stored at by this object, if it is that very array object.
+
+        Lets a caller that holds only arrays (a backend) send references instead of pixels.
+        """
+        found = self._origins.get(id(array))
+        return found[1] if found is not None and found[0] is array else None
 
     def _fetch(self, key: str, tmp: str) -> Path:
         try:
@@ -52,6 +68,7 @@ class ArtifactIO:
         with tempfile.TemporaryDirectory() as tmp:
             video = read_video(self._fetch(key, tmp), max_frames=self.max_frames + 1)
         self._check_size(key, *video.shape)
+        self._remember(video.frames, key)
         self._videos[key] = video
         while len(self._videos) > self._cache_size:
             self._videos.popitem(last=False)
@@ -62,26 +79,31 @@ class ArtifactIO:
         with tempfile.TemporaryDirectory() as tmp:
             image = read_image(self._fetch(key, tmp))
         self._check_size(key, 1, *image.shape[:2])
-        return image
+        return self._remember(image, key)
 
     def load_mask(self, key: str) -> np.ndarray:
         """``(T, H, W) bool`` from a bit-packed ``.npz``."""
         if not self.store.exists(key):
             raise ArtifactMissing(f"artifact not found: {key}")
-        return unpack_mask(self.store.get_bytes(key))
+        return self._remember(unpack_mask(self.store.get_bytes(key)), key)
 
     def put_video(self, key: str, frames: np.ndarray, fps: float) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             self.store.put_file(key, write_video(Path(tmp) / "v.mp4", frames, fps))
         self._videos.pop(key, None)
+        self._remember(frames, key)
         return key
 
     def put_image(self, key: str, image: np.ndarray) -> str:
         with tempfile.TemporaryDirectory() as tmp:
-            return self.store.put_file(key, write_png(Path(tmp) / "i.png", image))
+            self.store.put_file(key, write_png(Path(tmp) / "i.png", image))
+        self._remember(image, key)
+        return key
 
     def put_mask(self, key: str, mask: np.ndarray) -> str:
-        return self.store.put_bytes(key, pack_mask(mask))
+        self.store.put_bytes(key, pack_mask(mask))
+        self._remember(mask, key)
+        return key
 
     def context(self, sample_id: str, prompt: str, source_video: str, background: str | None = None,
                 mask: str | None = None) -> SampleContext:
@@ -101,6 +123,7 @@ class ArtifactIO:
         ctx.prompt = prompt
         if mask and ctx.mask is None:
             ctx.mask = self.load_mask(mask)
+        ctx.cache["refs"] = {"source_video": source_video, "background": background, "mask": mask}
         return ctx
 
     def forget(self, sample_id: str) -> None:

@@ -136,6 +136,19 @@ def _register_filter() -> None:
 _register_filter()
 
 
+def _register_more() -> None:
+    from .bench import bench_app
+    from .capacity import capacity_command
+    from .k8s_render import k8s_render_command
+
+    app.add_typer(bench_app, name="bench", help="Sparkle-Bench: run a model over the benchmark and judge it.")
+    app.command("capacity")(capacity_command)
+    app.command("k8s-render")(k8s_render_command)
+
+
+_register_more()
+
+
 @app.command("catalogue")
 def catalogue_cmd(
     theme: str = typer.Option("location", "--theme", help="location, season, time or style"),
@@ -193,7 +206,7 @@ def serve(
     backend: str = typer.Option("cpu", "--backend", help="real, tiny or cpu"),
     port: int = typer.Option(8000, "--port"),
     host: str = typer.Option("127.0.0.1", "--host"),
-    store: Path = typer.Option(Path("data"), "--store", help="artifact store root (local directory)"),
+    store: str = typer.Option("data", "--store", help="artifact store: a directory, local:DIR or s3://BUCKET"),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="local checkpoint directory (real backend)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
     option: list[str] = typer.Option([], "--option", help="backend option KEY=VALUE (repeatable), e.g. "
@@ -217,7 +230,13 @@ def serve(
         options[key] = _option_value(value)
     try:
         api_cls = importlib.import_module(f"sparkle.services.{service}.app").API
-        api = api_cls(load_backend(service, backend, **options), LocalStore(store))
+        if ":" in store.split("/")[0]:  # local:DIR or s3://BUCKET (needs the distributed extra)
+            from .store_s3 import open_store
+
+            artifact_store = open_store(store)
+        else:
+            artifact_store = LocalStore(store)
+        api = api_cls(load_backend(service, backend, **options), artifact_store)
     except ModuleNotFoundError:
         err.print(f"[red]error:[/red] unknown service {service!r}")
         raise typer.Exit(1)

@@ -48,6 +48,8 @@ def run_bait(tracker: Tracker, ctx: SampleContext, frames: np.ndarray, anchors: 
     """
     if not anchors:
         raise ValueError("no anchor frame with a grounded box")
+    if hasattr(tracker, "bait"):  # a remote tracking service runs the passes and this same vote itself
+        return tracker.bait(ctx, frames, anchors, tie_is_foreground)
     t, h, w = frames.shape[:3]
     votes = np.zeros((t, h, w), np.uint16)
     passes = 0

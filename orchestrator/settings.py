@@ -1,0 +1,36 @@
+"""Settings of the distributed run, all from the environment (ConfigMaps and Secrets on Kubernetes).
+
+Processes of the distributed run and how they are started:
+
+- gateway:          ``sparkle gateway --host 0.0.0.0 --port 8080``            (HTTP API, enqueues jobs)
+- orchestrator:     ``sparkle worker --queues sparkle.cpu --pool threads --concurrency 16``
+                    (sample journeys: stage functions, waiting on the model-service steps they send)
+- model service X:  ``sparkle serve X --backend real ...`` (the model, HTTP on :8000) and, in the same pod,
+                    ``sparkle worker --queues sparkle.X --service-url http://127.0.0.1:8000 --concurrency 1``
+                    (consumes X's queue and calls the model server; KEDA scales on that queue)
+- flower:           ``celery --app sparkle.orchestrator.celery_app flower --port 5555``
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DistributedSettings(BaseSettings):
+    """``SPARKLE_*`` variables of the distributed run."""
+
+    model_config = SettingsConfigDict(env_prefix="SPARKLE_", extra="ignore")
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and result backend (Redis)")
+    store_url: str = Field("local:./data", description="artifact store: local:DIR or s3://BUCKET")
+    s3_endpoint: str = Field("127.0.0.1:9000", description="MinIO / S3 endpoint host:port")
+    s3_access_key: SecretStr = SecretStr("sparkle")
+    s3_secret_key: SecretStr = SecretStr("sparkle-secret")
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    gateway_api_keys: SecretStr | None = Field(None, description="comma-separated API keys of the gateway")
+    visibility_timeout_s: int = Field(7200, description="Redis visibility timeout: longer than the longest stage")
+    unacked_restore_interval_s: int = Field(15, description="how often a killed worker's task is restored")
+    max_upload_bytes: int = Field(2 * 1024**3, description="largest accepted upload (gateway)")
+    bulk_window: int = Field(64, description="samples in flight at once during bulk generation")
