@@ -33,7 +33,10 @@ $(VENV)/.installed-all: pyproject.toml $(VENV)/.installed
 demo: install
 	$(BIN)/sparkle replace $(CLIP) "$(PROMPT)" -o $(OUT)
 
+# The S3-store tests start their own redis-server (Debian's package) on a free port.
 test: install-all
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq redis-server >/dev/null; } || echo "warning: redis-server missing (apt-get install redis-server)"
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -77,7 +77,7 @@ def s3_endpoint():
 def redis_url():
     """``redis://127.0.0.1:PORT/0`` of a private redis-server without persistence."""
     if not Path(REDIS_SERVER).is_file():
-        pytest.skip("redis-server not installed")
+        pytest.fail(f"redis-server not found at {REDIS_SERVER}: install Debian's redis-server (apt-get install redis-server)")
     port = _free_port()
     proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
