@@ -8,7 +8,6 @@ import base64
 import csv
 import hashlib
 import json
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from sparkle.bench import (DIMENSIONS, BenchSample, bench_app, cap_scores, confo
 from sparkle.media import Video, read_video, write_png, write_video
 
 from .conftest import JUGGLE, PEDESTRIANS
+from .loopback import LoopbackServer
 
 JUDGE = "test/judge-vl"  # a hub-style name: its "/" must not split the score file's name
 FRAMES = 17
@@ -217,7 +217,7 @@ def test_parse_and_cap():
 
 # --- the judge: loopback test double ------------------------------------------------------------------------
 
-class FakeJudgeServer:
+class FakeJudgeServer(LoopbackServer):
     """TEST DOUBLE of an OpenAI-compatible judge (``vllm serve Qwen/Qwen3-VL-...``): ``POST /v1/chat/completions``
     on 127.0.0.1, uvicorn in a thread. ``script[(checkpoint, id)]`` is a list of steps consumed one per request:
     ``("text", reply)``, ``("slow", seconds, reply)`` or ``("status", code)``; the sample is recognised by its
@@ -251,13 +251,7 @@ class FakeJudgeServer:
                                  "message": {"role": "assistant", "content": step[-1]}}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.serve(app)
 
     @property
     def url(self) -> str:
@@ -267,17 +261,6 @@ class FakeJudgeServer:
         for sid in SAMPLES:
             self.videos[hashlib.sha256(expected_path(save_dir, sid).read_bytes()).hexdigest()] = name
 
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "test double server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 def eval_args(judge, bench_dir, *dirs, extra=()):

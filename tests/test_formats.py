@@ -10,7 +10,6 @@ from sparkle.boxes import to_normalised, to_pixels
 from sparkle.config import ConformConfig
 from sparkle.masks import pack_mask, unpack_mask
 from sparkle.media import conformed_size, sample_indices, trimmed_length
-from sparkle.store import LocalStore
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (81, 7, 13), (5, 64, 48)])
@@ -70,20 +69,3 @@ def test_conform_sizes_and_lengths():
     assert [trimmed_length(t, 81) for t in (1, 4, 5, 60, 81, 200)] == [1, 1, 5, 57, 81, 81]
     assert sample_indices(81, 16, 2) == list(range(0, 81, 8))
     assert sample_indices(57, 10, 2) == list(range(0, 57, 5))
-
-
-def test_store_publish_is_atomic_and_upserts_are_idempotent(tmp_path):
-    store = LocalStore(tmp_path)
-    store.put_bytes("staging/S/a/x.bin", b"1")
-    assert store.list_keys("a/") == []
-    store.publish({"staging/S/a/x.bin": "a/x.bin"}, {"r.jsonl": [{"id": "S", "v": 1}]},
-                  {"p.csv": [{"task": "S", "prompt": "p, with comma"}]}, ("prompt", "task"), "task")
-    store.publish({}, {"r.jsonl": [{"id": "S", "v": 2}, {"id": "T", "v": 3}]},
-                  {"p.csv": [{"task": "S", "prompt": "again"}]}, ("prompt", "task"), "task")
-    assert store.get_bytes("a/x.bin") == b"1"
-    assert store.list_keys("staging/") == []
-    assert store.read_jsonl("r.jsonl") == [{"id": "S", "v": 2}, {"id": "T", "v": 3}]
-    assert store.read_csv("p.csv") == [{"prompt": "again", "task": "S"}]
-    assert not list(tmp_path.rglob("*.part"))
-    with pytest.raises(ValueError):
-        store.path("../escape")

@@ -32,6 +32,7 @@ from sparkle.serving import ServeSettings, build_app  # noqa: E402
 from sparkle.services.grounding import real, tiny  # noqa: E402
 from sparkle.services.grounding.app import API  # noqa: E402
 from sparkle.store import LocalStore  # noqa: E402
+from ..loopback import LoopbackServer
 
 VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
 JUGGLE = VIDEOS / "static_01_juggle.mp4"
@@ -354,7 +355,7 @@ def scripted_answer(body: dict) -> str:
     return "unexpected question"
 
 
-class FakeVLLMServer:
+class FakeVLLMServer(LoopbackServer):
     """TEST DOUBLE of ``vllm serve``: an OpenAI-compatible ``/v1/models`` + ``/v1/chat/completions`` on 127.0.0.1
     (uvicorn in a thread) that answers with scripted completions and records every request body."""
 
@@ -379,29 +380,12 @@ class FakeVLLMServer:
                                  "message": {"role": "assistant", "content": scripted_answer(body)}}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.serve(app)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "test double server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
