@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
