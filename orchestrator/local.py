@@ -9,10 +9,14 @@ from sparkle import layout
 from sparkle.backends import Backends, load_backends
 from sparkle.config import PipelineConfig
 from sparkle.errors import InputError
-from sparkle.media import IMAGE_SUFFIXES, check_input_file, read_image, read_video
+from sparkle.media import IMAGE_SUFFIXES, check_input_file, check_resolution, read_image, read_video
 from sparkle.store import ArtifactStore, LocalStore, staging_prefix
 
 from .pipeline import SampleTask, StageEnv, run_sample
+
+
+MAX_PROMPT_CHARS = 4000
+"""Longest accepted instruction (characters): the services' request schemas carry prompts up to this size."""
 
 
 def _existing_indices(store: ArtifactStore, edit_type: str) -> set[int]:
@@ -34,18 +38,23 @@ def validate_inputs(video: str | Path, prompt: str | None, edit_type: str, backg
     """Check everything a user gives before anything is written. Returns the stripped prompt (None: to be
     written from the catalogue).
 
-    Raises InputError: empty prompt, unknown theme, missing/empty/undecodable video or background.
+    Raises InputError: empty or oversized prompt (> ``MAX_PROMPT_CHARS``), unknown theme, missing, empty or
+    undecodable video (no video stream, unsupported codec, zero frames), resolution outside
+    ``MIN_SIDE_PX..MAX_SIDE_PX``, bad background.
     """
     if prompt is not None:
         prompt = prompt.strip()
         if not prompt:
             raise InputError("the prompt is empty: say what the new background should be (or leave it out to "
                              "have one written from the theme catalogue)")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InputError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
     try:
         layout.check_edit_type(edit_type)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    read_video(video, max_frames=1)
+    first = read_video(video, max_frames=1)
+    check_resolution(*first.shape[1:], what=f"video {Path(video).name}")
     if background is not None:
         p = check_input_file(background, "background")
         read_image(p) if p.suffix.lower() in IMAGE_SUFFIXES else read_video(p, max_frames=1)

@@ -73,8 +73,9 @@ class SampleTask(BaseModel):
     records: dict[str, dict] = Field(default_factory=dict)
     decisions: list[StageDecision] = Field(default_factory=list)
     backends: dict[str, str] = Field(default_factory=dict)  # service -> backend name that served the sample
-    status: Literal["running", "accepted", "rejected"] = "running"
+    status: Literal["running", "accepted", "rejected", "failed", "cancelled"] = "running"
     reason: str = ""
+    failed_stage: str | None = None  # the stage that raised (status "failed"), for the report
 
     def staged(self, key: str) -> str:
         """The staging key of layout key ``key``."""
@@ -94,10 +95,18 @@ class StageEnv:
         self.io = ArtifactIO(self.store, max_frames=self.config.conform.max_frames)
 
     def put_video(self, task: SampleTask, name: str, key: str, frames: np.ndarray) -> None:
-        task.refs[name] = self.io.put_video(task.staged(key), frames, task.fps)
+        """Stage ``frames`` at layout ``key``. Frames a remote service already stored are copied by reference
+        (no re-encoding, so the published file is the very file the service wrote)."""
+        if (stored := self.io.origin(frames)) is not None:
+            task.refs[name] = self.io.copy(stored, task.staged(key), frames)
+        else:
+            task.refs[name] = self.io.put_video(task.staged(key), frames, task.fps)
 
     def put_image(self, task: SampleTask, name: str, key: str, image: np.ndarray) -> None:
-        task.refs[name] = self.io.put_image(task.staged(key), image)
+        if (stored := self.io.origin(image)) is not None:
+            task.refs[name] = self.io.copy(stored, task.staged(key), image)
+        else:
+            task.refs[name] = self.io.put_image(task.staged(key), image)
 
     def context(self, task: SampleTask) -> SampleContext:
         """The sample's context, built from its stored source (and background, mask) once per process."""
@@ -105,6 +114,7 @@ class StageEnv:
                               task.refs.get("mask"))
         if ctx.background is not None and not ctx.background.fps:
             ctx.background.fps = task.fps
+        ctx.cache["task_refs"] = dict(task.refs)  # remote backends send these keys instead of pixels
         return ctx
 
 
@@ -324,6 +334,8 @@ def publish(task: SampleTask, env: StageEnv) -> SampleTask:
     """Move staged artifacts into the layout, then add the five records, the CSV row and the metadata."""
     prefix = staging_prefix(task.id)
     moves = {key: key[len(prefix):] for key in task.refs.values() if key.startswith(prefix)}
+    # A publish interrupted by a crash and run again: what already moved stays where it is.
+    moves = {src: dst for src, dst in moves.items() if env.store.exists(src) or not env.store.exists(dst)}
     et, sid = task.edit_type, task.id
     jsonl = {layout.record(et, name): [rec] for name, rec in task.records.items()}
     metadata = {"edit_type": et, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene}
@@ -337,13 +349,54 @@ def publish(task: SampleTask, env: StageEnv) -> SampleTask:
     return task
 
 
+def finish(task: SampleTask, env: StageEnv, funnel: bool = True) -> SampleTask:
+    """End of the journey: publish an accepted sample, keep the report of every sample, refresh the funnel.
+
+    A task still ``running`` here passed every stage and is accepted. The staging area is removed last (by
+    :func:`drop_staging`), so a crash in between can finish again: publishing is idempotent. ``funnel``:
+    rebuild ``reports/funnel.json`` (reads every report: the bulk run keeps per-dataset funnels instead).
+    """
+    if task.status == "running":
+        task.status = "accepted"
+        task.reason = "accepted at every stage"
+        publish(task, env)
+    env.store.put_json(layout.report(task.edit_type, task.id), summary(task))
+    if funnel:
+        write_funnel(env.store)
+    return task
+
+
+def fail(task: SampleTask, env: StageEnv, stage: str, reason: str, status: str = "failed",
+         funnel: bool = True) -> SampleTask:
+    """Record a terminal failure (or a cancellation) of ``stage``: the report keeps the stage and the reason;
+    nothing enters the layout."""
+    task.status, task.failed_stage, task.reason = status, stage, f"{stage}: {reason}"
+    env.store.put_json(layout.report(task.edit_type, task.id), summary(task))
+    if funnel:
+        write_funnel(env.store)
+    return task
+
+
+def drop_staging(task: SampleTask, env: StageEnv) -> None:
+    """Remove everything the sample staged (inputs, stage outputs, service outputs) and its cached decodes."""
+    env.store.delete_prefix(staging_prefix(task.id))
+    env.io.forget(task.id)
+
+
+def next_stage(task: SampleTask, done: str) -> str | None:
+    """The stage after ``done`` (None: the journey is over, because it was the last or the sample was refused)."""
+    i = STAGE_NAMES.index(done)
+    return STAGE_NAMES[i + 1] if task.status == "running" and i + 1 < len(STAGE_NAMES) else None
+
+
 def run_sample(task: SampleTask, env: StageEnv,
                on_stage: Callable[[str, str, SampleTask], None] | None = None) -> SampleTask:
-    """Run every stage in-process, then publish (accepted) or drop the staging area (rejected/failed).
+    """Run every stage in-process, then publish (accepted) or keep only the report (rejected).
 
     ``on_stage(name, event, task)`` is called with event ``"start"`` and ``"end"`` for progress display.
     A rejected sample's report is kept at ``reports/{edit_type}/{id}.json``; an exception (bad input,
-    backend failure) removes everything the sample staged and propagates.
+    backend failure) removes everything the sample staged and propagates. (Queue workers run the same
+    stages one message at a time: ``orchestrator/tasks.py``.)
     """
     task.backends = env.backends.names()
     try:
@@ -355,16 +408,9 @@ def run_sample(task: SampleTask, env: StageEnv,
                 on_stage(name, "end", task)
             if task.status != "running":
                 break
-        if task.status == "running":
-            task.status = "accepted"
-            task.reason = "accepted at every stage"
-            publish(task, env)
-        env.store.put_json(layout.report(task.edit_type, task.id), summary(task))
-        write_funnel(env.store)
-        return task
+        return finish(task, env)
     finally:
-        env.store.delete_prefix(staging_prefix(task.id))
-        env.io.forget(task.id)
+        drop_staging(task, env)
 
 
 def summary(task: SampleTask) -> dict:
@@ -373,11 +419,14 @@ def summary(task: SampleTask) -> dict:
     timings = {d.name: d.seconds for d in task.decisions}
     timings["total"] = round(sum(timings.values()), 3)
     return {"id": task.id, "edit_type": task.edit_type, "status": task.status, "reason": task.reason,
+            "failed_stage": task.failed_stage,
             "prompt": task.prompt, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene,
             "shape": list(task.shape) if task.shape else None, "fps": task.fps, "backends": task.backends,
             "stages": [d.model_dump() for d in task.decisions], "records": task.records,
             "artifacts": {} if task.status != "accepted" else dict(task.refs), "timings": timings}
 
 
-__all__ = ["SampleTask", "StageEnv", "StageDecision", "STAGES", "STAGE_NAMES", "STAGE_SERVICES", "run_sample",
-           "publish", "summary"]
+STAGE_FUNCTIONS: dict[str, Callable[[SampleTask, StageEnv], SampleTask]] = dict(zip(STAGE_NAMES, STAGES))
+
+__all__ = ["SampleTask", "StageEnv", "StageDecision", "STAGES", "STAGE_NAMES", "STAGE_FUNCTIONS", "STAGE_SERVICES",
+           "run_sample", "finish", "fail", "drop_staging", "next_stage", "publish", "summary"]

@@ -105,6 +105,19 @@ class ArtifactIO:
         self._remember(mask, key)
         return key
 
+    def copy(self, src: str, dst: str, array: np.ndarray | None = None) -> str:
+        """Copy artifact ``src`` to ``dst`` in the store (bytes unchanged); ``array``, the decoded content, is
+        remembered as stored at ``dst`` from now on. Returns ``dst``."""
+        try:
+            self.store.copy(src, dst)
+        except KeyError as exc:
+            raise ArtifactMissing(f"artifact not found: {src}") from exc
+        if src in self._videos:
+            self._videos[dst] = self._videos[src]
+        if array is not None:
+            self._remember(array, dst)
+        return dst
+
     def context(self, sample_id: str, prompt: str, source_video: str, background: str | None = None,
                 mask: str | None = None) -> SampleContext:
         """The sample's :class:`SampleContext`, built from stored artifacts once per process."""

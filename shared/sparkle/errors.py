@@ -23,3 +23,16 @@ class TooLarge(InputError):
 
 class NotReady(SparkleError):
     """The service is loading, failed to load, or its queue is full. HTTP 503 with Retry-After."""
+
+
+class ServiceRejected(SparkleError):
+    """A model service refused a request for good (HTTP 4xx: bad input, missing artifact). Not retried; the
+    sample fails with the service's reason."""
+
+
+class ServiceUnavailable(SparkleError):
+    """A model service stayed unavailable (503, 504, 5xx, connection errors) through every retry."""
+
+
+class Cancelled(SparkleError):
+    """The job was cancelled (``DELETE /v1/jobs/{id}``); its journey stops at the next stage boundary."""

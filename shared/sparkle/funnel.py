@@ -15,29 +15,48 @@ from .store import ArtifactStore
 FUNNEL_KEY = "reports/funnel.json"
 
 
-def build_funnel(store: ArtifactStore) -> dict:
-    """``{"samples", "accepted", "rejected", "by_edit_type", "stages": [{stage, name, in, out, refused:
-    {reason_kind: count}}]}`` from every report in ``store``; stages in pipeline order."""
-    stages: dict[tuple[int, str], dict] = {}
-    statuses: Counter = Counter()
-    by_type: Counter = Counter()
-    for key in store.list_keys("reports/"):
-        if key == FUNNEL_KEY or not key.endswith(".json"):
-            continue
-        report = store.get_json(key)
-        statuses[report["status"]] += 1
-        by_type[report["edit_type"]] += 1
-        for d in report["stages"]:
-            s = stages.setdefault((d["stage"], d["name"]), {"stage": d["stage"], "name": d["name"], "in": 0,
-                                                            "out": 0, "refused": Counter()})
-            s["in"] += 1
-            if d["accepted"]:
-                s["out"] += 1
-            else:
-                s["refused"][reason_kind(d["reason"])] += 1
-    ordered = [dict(s, refused=dict(s["refused"].most_common())) for _, s in sorted(stages.items())]
+def funnel_add(acc: dict, report: dict) -> dict:
+    """Add one per-sample report to ``acc``, a JSON-serialisable tally (start from ``{}``); returns ``acc``.
+    Bulk runs keep such a tally per dataset instead of re-reading every report."""
+    statuses, by_type = acc.setdefault("statuses", {}), acc.setdefault("by_edit_type", {})
+    stages = acc.setdefault("stages", {})
+    statuses[report["status"]] = statuses.get(report["status"], 0) + 1
+    by_type[report["edit_type"]] = by_type.get(report["edit_type"], 0) + 1
+    for d in report["stages"]:
+        s = stages.setdefault(f"{d['stage']}:{d['name']}", {"stage": d["stage"], "name": d["name"], "in": 0,
+                                                            "out": 0, "refused": {}})
+        s["in"] += 1
+        if d["accepted"]:
+            s["out"] += 1
+        else:
+            kind = reason_kind(d["reason"])
+            s["refused"][kind] = s["refused"].get(kind, 0) + 1
+    return acc
+
+
+def funnel_result(acc: dict) -> dict:
+    """``{"samples", "accepted", "rejected", "failed", "cancelled", "by_edit_type", "stages": [{stage, name, in,
+    out, refused: {reason_kind: count}}]}`` from a :func:`funnel_add` tally; stages in pipeline order."""
+    statuses = Counter(acc.get("statuses", {}))
+    stages = sorted(acc.get("stages", {}).values(), key=lambda s: (s["stage"], s["name"]))
+    ordered = [dict(s, refused=dict(Counter(s["refused"]).most_common())) for s in stages]
     return {"samples": sum(statuses.values()), "accepted": statuses["accepted"], "rejected": statuses["rejected"],
-            "by_edit_type": dict(by_type), "stages": ordered}
+            "failed": statuses["failed"], "cancelled": statuses["cancelled"],
+            "by_edit_type": dict(acc.get("by_edit_type", {})), "stages": ordered}
+
+
+def funnel_of(reports) -> dict:
+    """:func:`funnel_result` over an iterable of per-sample reports."""
+    acc: dict = {}
+    for report in reports:
+        funnel_add(acc, report)
+    return funnel_result(acc)
+
+
+def build_funnel(store: ArtifactStore) -> dict:
+    """:func:`funnel_of` every report in ``store`` (``reports/{edit_type}/{id}.json``)."""
+    keys = [k for k in store.list_keys("reports/") if k != FUNNEL_KEY and k.endswith(".json")]
+    return funnel_of(store.get_json(k) for k in keys)
 
 
 def write_funnel(store: ArtifactStore) -> dict:

@@ -48,6 +48,18 @@ def check_input_file(path: str | os.PathLike, what: str = "video") -> Path:
     return p
 
 
+MIN_SIDE_PX = 32
+MAX_SIDE_PX = 8192
+"""Accepted source sides, pixels: below 32 px nothing survives conforming to 16-px multiples; above 8192 px
+(8K is 7680 x 4320) a single frame is larger than anything the pipeline produces (1280 x 720 at most)."""
+
+
+def check_resolution(height: int, width: int, what: str = "video") -> None:
+    """Raise :class:`InputError` unless both sides lie within ``MIN_SIDE_PX..MAX_SIDE_PX`` pixels."""
+    if not (MIN_SIDE_PX <= width <= MAX_SIDE_PX and MIN_SIDE_PX <= height <= MAX_SIDE_PX):
+        raise InputError(f"{what} is {width}x{height}: each side must lie within {MIN_SIDE_PX}..{MAX_SIDE_PX} px")
+
+
 def display_rotation(stream, frame) -> int:
     """Display rotation in degrees counter-clockwise (0, 90, 180, 270) from the frame's display matrix
     (PyAV ``VideoFrame.rotation``) or, failing that, the stream's legacy ``rotate`` tag (clockwise)."""

@@ -61,6 +61,12 @@ class ArtifactStore(ABC):
 
     # --- derived operations, the same for every store ---------------------------------------------------
 
+    def copy(self, src: str, dst: str) -> str:
+        """Copy one artifact; ``dst`` appears complete or not at all. Raises KeyError if ``src`` is absent.
+        Stores with a server-side copy override this."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.put_file(dst, self.get_file(src, Path(tmp) / PurePosixPath(src).name))
+
     def put_bytes(self, key: str, data: bytes) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / PurePosixPath(key).name

@@ -75,7 +75,7 @@ class _LocalLock(AbstractContextManager):
         self._lock.release()
 
 
-class _RedisLock(AbstractContextManager):
+class RedisLock(AbstractContextManager):
     """A ``redis.lock.Lock`` whose lease is renewed while it is held.
 
     The lease (``lease_s`` seconds, Redis key TTL) only bounds how long a *dead* holder blocks the others: a
@@ -229,6 +229,16 @@ class S3Store(ArtifactStore):
             raise
         self.client.remove_object(self.bucket, s)
 
+    def copy(self, src: str, dst: str) -> str:
+        """Server-side ``CopyObject`` (no download); KeyError if ``src`` is absent."""
+        try:
+            self.client.copy_object(self.bucket, self.object_name(dst), CopySource(self.bucket, self.object_name(src)))
+        except S3Error as err:
+            if err.code in _MISSING:
+                raise KeyError(src) from None
+            raise
+        return dst
+
     def lock(self, name: str) -> AbstractContextManager:
         """A lock named ``name`` in this store (bucket + prefix). With ``lock_url``: a Redis lock
         (``sparkle:lock:BUCKET/PREFIXname``) shared by all processes; without: process-local, only safe
@@ -236,7 +246,7 @@ class S3Store(ArtifactStore):
         scoped = f"{self.bucket}/{self.prefix}{name}"
         if not self.lock_url:
             return _LocalLock(scoped, self.lock_wait_s)
-        return _RedisLock(self._redis_client(), f"sparkle:lock:{scoped}", self.lock_lease_s, self.lock_wait_s)
+        return RedisLock(self._redis_client(), f"sparkle:lock:{scoped}", self.lock_lease_s, self.lock_wait_s)
 
     # --- S3 only -------------------------------------------------------------------------------------------
 
