@@ -33,4 +33,15 @@ class DistributedSettings(BaseSettings):
     visibility_timeout_s: int = Field(7200, description="Redis visibility timeout: longer than the longest stage")
     unacked_restore_interval_s: int = Field(15, description="how often a killed worker's task is restored")
     max_upload_bytes: int = Field(2 * 1024**3, description="largest accepted upload (gateway)")
-    bulk_window: int = Field(64, description="samples in flight at once during bulk generation")
+    bulk_window: int = Field(64, ge=1, description="samples in flight at once during bulk generation")
+    manifest_root: str | None = Field(None, description="directory a dataset manifest's local paths must lie in "
+                                      "(gateway and orchestrator workers; None: the gateway refuses local paths)")
+    sample_lease_s: float = Field(60.0, gt=0, description="lease of a sample's Redis lock: a dead stage worker "
+                                  "blocks its sample this long at most (renewed every third of it while alive)")
+    op_max_retries: int = Field(8, ge=0, description="retries of a service call on 503/504/5xx/connection errors")
+    op_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles per retry, full jitter")
+    op_backoff_max_s: float = Field(120.0, gt=0, description="longest retry delay, seconds")
+    op_wait_s: float = Field(6 * 3600.0, gt=0, description="longest wait of a stage on one service call, queueing "
+                             "included; then the sample fails")
+    op_timeout_s: float = Field(1800.0, gt=0, description="HTTP time-out of one call to a model server")
+    stage_max_retries: int = Field(5, ge=0, description="retries of a stage on store/broker errors")

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from sparkle.orchestrator.settings import DistributedSettings
+from sparkle.store_s3 import open_store
+from tests.infra import BUCKET, REDIS_SERVER, _free_port, _stop, _wait_port
+
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = Path(os.environ.get("SPARKLE_TEST_VIDEOS", REPO.parent / "shared" / "data" / "videos"))
 JUGGLE = VIDEOS / "static_01_juggle.mp4"
@@ -43,3 +47,49 @@ def juggle_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("juggle")
     proc = sparkle("replace", JUGGLE, SNOW_PROMPT, "-o", out, "--json", check=True)
     return json.loads(proc.stdout), out
+
+
+# --- an S3-compatible server and Redis on loopback (the distributed run's infrastructure) ---------------------
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """``127.0.0.1:PORT`` of a moto S3 server (any credentials are accepted; signatures are not checked)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, proc, "moto server")
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """``redis://127.0.0.1:PORT/0`` of a private redis-server without persistence."""
+    if not Path(REDIS_SERVER).is_file():
+        pytest.fail(f"redis-server not found at {REDIS_SERVER}: install Debian's redis-server (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, proc, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def settings(s3_endpoint, redis_url):
+    return DistributedSettings(s3_endpoint=s3_endpoint, s3_access_key="testing", s3_secret_key="testing",
+                               s3_secure=False, s3_region="us-east-1", broker_url=redis_url,
+                               store_url=f"s3://{BUCKET}")
+
+
+@pytest.fixture(scope="session")
+def bucket(settings):
+    store = open_store(f"s3://{BUCKET}", settings)
+    store.ensure_bucket()
+    return BUCKET
+
+

@@ -170,13 +170,21 @@ class Backends:
 
 
 def load_backend(service: str, name: str, **options) -> Backend:
-    """Instantiate (not set up) backend ``name`` of ``service``: ``sparkle.services.<service>.<name>.make_backend``.
+    """Instantiate (not set up) backend ``name`` of ``service``: ``sparkle.services.<service>.<name>.make_backend``,
+    or, for ``name = "module:factory"``, ``factory(service, **options)`` (test doubles, custom backends).
 
     ``options`` (e.g. ``model_dir``, ``device``) go to ``make_backend``; a real backend checks its paths there
     and raises ConfigError naming what is missing. Raises ConfigError for an unknown service or backend.
     """
     if service not in SERVICES:
         raise ConfigError(f"unknown service {service!r}; expected one of {', '.join(SERVICES)}")
+    if ":" in name:  # "package.module:factory" -> factory(service, **options), e.g. the test doubles
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"backend factory {name!r} not found: {exc}") from exc
+        return factory(service, **options)
     try:
         module = importlib.import_module(f"sparkle.services.{service}.{name}")
     except ModuleNotFoundError as exc:

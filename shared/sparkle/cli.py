@@ -146,7 +146,20 @@ def _register_more() -> None:
     app.command("k8s-render")(k8s_render_command)
 
 
+def _register_distributed() -> None:
+    """The distributed run's processes and the dataset export (their heavy imports happen when they run)."""
+    from sparkle.orchestrator.cli import enqueue_command, gateway_command, worker_command
+
+    from .export import export_command
+
+    app.command("worker")(worker_command)
+    app.command("gateway")(gateway_command)
+    app.command("enqueue")(enqueue_command)
+    app.command("export")(export_command)
+
+
 _register_more()
+_register_distributed()
 
 
 @app.command("catalogue")

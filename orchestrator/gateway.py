@@ -1,0 +1,267 @@
+"""The HTTP gateway (FastAPI): one-off jobs and bulk datasets, over the Celery queues and the artifact store.
+
+- ``POST /v1/jobs``                multipart ``video`` + ``prompt`` (optional ``theme``, ``chosen_keyword``,
+                                   ``background``, ``force``, ``gates``, ``max_size``, ``max_frames``); an
+                                   ``Idempotency-Key`` header makes a retried POST return the same job.
+                                   202 with the job; 400/413/422 for bad input, with nothing stored.
+- ``GET /v1/jobs/{id}``            state, current stage, per-stage decisions and timings (s), gate scores, error
+- ``GET /v1/jobs/{id}/events``     the same document as server-sent events, each time it changes, until final
+- ``GET /v1/jobs/{id}/artifacts``  presigned URLs of every artifact (``expires_s``, default 3600 s)
+- ``DELETE /v1/jobs/{id}``         cancel: the journey stops at its next stage boundary (202; 409 once final)
+- ``POST /v1/datasets``            a manifest (JSON entries: local paths under ``SPARKLE_MANIFEST_ROOT`` or store
+                                   keys, with prompts or themes); the bulk run is driven by ``sparkle.dataset_tick``
+- ``GET /v1/datasets/{id}``        progress, counts by state and the stage funnel
+- ``GET /healthz``, ``GET /readyz`` (broker and store reachable); OpenAPI at ``/docs`` and ``/openapi.json``.
+
+API keys (``SPARKLE_GATEWAY_API_KEYS``, comma-separated; unset: open) go in ``X-API-Key`` or
+``Authorization: Bearer``. The upload streams through the multipart parser into a spooled temporary file
+(memory bounded at 1 MiB per file), is checked (decodable video, resolution, prompt, theme), and only then
+goes to the store (multipart upload above 5 MiB); a body larger than ``SPARKLE_MAX_UPLOAD_BYTES`` is refused
+with 413 while it streams, before anything is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse
+from pydantic import BaseModel, Field
+
+from sparkle import layout
+from sparkle.config import PipelineConfig
+from sparkle.errors import InputError, TooLarge
+
+from . import jobs
+from .routing import CPU_QUEUE
+from .settings import DistributedSettings
+
+MULTIPART_OVERHEAD = 1024 * 1024
+"""Bytes of form fields and multipart framing allowed above ``max_upload_bytes`` in one request body."""
+
+
+class DatasetRequest(BaseModel):
+    """``POST /v1/datasets``: manifest entries (see :class:`~sparkle.orchestrator.jobs.ManifestEntry`)."""
+
+    entries: list[dict] = Field(min_length=1, description="manifest entries: {video | video_key, prompt?, "
+                                "theme?, chosen_keyword?, background? | background_key?, force?, gates?}")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="dataset id (default: a hash)")
+    window: int | None = Field(None, ge=1, le=100_000, description="samples in flight at once")
+    max_frames: int | None = Field(None, ge=5, le=81)
+    max_size: str | None = Field(None, pattern=r"^\d{2,4}x\d{2,4}$", description="largest output size WxH")
+
+
+def _config(base: PipelineConfig, max_size: str | None, max_frames: int | None) -> PipelineConfig:
+    conform = base.conform.model_dump()
+    if max_size:
+        a, b = (int(v) for v in max_size.lower().split("x"))
+        conform.update(max_long_side=max(a, b), max_short_side=min(a, b))
+    if max_frames:
+        conform["max_frames"] = max_frames
+    try:
+        return base.model_copy(update={"conform": type(base.conform).model_validate(conform)})
+    except ValueError as exc:
+        raise InputError(f"bad size: {exc}") from exc
+
+
+def build_gateway(settings: DistributedSettings | None = None, store=None, celery_app=None,
+                  config: PipelineConfig | None = None) -> FastAPI:
+    """The gateway app. ``store`` (default: ``SPARKLE_STORE_URL``), ``celery_app`` (default: the project's app)
+    and ``config`` (default: ``PipelineConfig()`` from ``SPARKLE_*``) can be given, as the tests do."""
+    settings = settings or DistributedSettings()
+    if store is None:
+        from sparkle.store_s3 import open_store
+
+        store = open_store(settings.store_url, settings)
+    if celery_app is None:
+        from .celery_app import app as celery_app
+    base_config = config or PipelineConfig()
+    keys = [k.strip() for k in (settings.gateway_api_keys.get_secret_value() if settings.gateway_api_keys else "")
+            .split(",") if k.strip()]
+    manifest_root = Path(settings.manifest_root) if settings.manifest_root else None
+
+    app = FastAPI(title="Sparkle Factory gateway", version="1",
+                  description="Instruction-guided video background replacement (the Sparkle pipeline), "
+                              "one video at a time or as bulk datasets.")
+    app.state.store, app.state.celery = store, celery_app
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return JSONResponse({"detail": str(exc)}, status_code=413 if isinstance(exc, TooLarge) else 400)
+
+    async def principal(x_api_key: Annotated[str | None, Header()] = None,
+                        authorization: Annotated[str | None, Header()] = None) -> str:
+        """The caller's key (hashed) when keys are configured; 401 otherwise."""
+        if not keys:
+            return ""
+        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
+        if not any(secrets.compare_digest(given.encode(), k.encode()) for k in keys):
+            raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)")
+        return hashlib.sha256(given.encode()).hexdigest()[:16]
+
+    def job_or_404(job_id: str) -> dict:
+        try:
+            layout.parse_sample_id(job_id)
+            return jobs.read_job(store, job_id)
+        except (ValueError, KeyError):
+            raise HTTPException(404, f"no job {job_id!r}") from None
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz():
+        """The process is alive."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz():
+        """Broker and store reachable (503 otherwise)."""
+        try:
+            await asyncio.to_thread(lambda: celery_app.connection_for_write().ensure_connection(max_retries=1))
+            await asyncio.to_thread(store.exists, "jobs/ids/.probe")
+        except Exception as exc:  # noqa: BLE001 - reported
+            return JSONResponse({"status": "unavailable", "error": f"{exc.__class__.__name__}: {exc}"}, 503)
+        return {"status": "ready"}
+
+    @app.post("/v1/jobs", status_code=202, tags=["jobs"],
+              max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    async def create_job(
+        request: Request,
+        video: Annotated[UploadFile, File(description="the source video (a fixed-camera clip)")],
+        prompt: Annotated[str | None, Form(description="the instruction; omitted: written from the theme")] = None,
+        theme: Annotated[str, Form(description="edit_type: location, season, time, style, openve3m")] = "location",
+        chosen_keyword: Annotated[str | None, Form(description='"subtheme: scene" for the metadata')] = None,
+        background: Annotated[UploadFile | None, File(description="image or video to use as background")] = None,
+        force: Annotated[bool, Form(description="keep a clip the camera filter refuses")] = False,
+        gates: Annotated[bool, Form(description="reject samples below the EditScore gates")] = True,
+        max_size: Annotated[str | None, Form(pattern=r"^\d{2,4}x\d{2,4}$")] = None,
+        max_frames: Annotated[int | None, Form(ge=5, le=81)] = None,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+        who: str = Depends(principal),
+    ):
+        """Replace the background of one video. 202 with the job (200 with the same job for a repeated
+        ``Idempotency-Key``); 400 bad input, 413 too large, 422 malformed form, 503 broker unavailable."""
+        config = _config(base_config, max_size, max_frames)
+        with tempfile.TemporaryDirectory(prefix="sparkle-upload-") as tmp:
+            video_path = Path(tmp) / ("source" + PurePosixPath(video.filename or "v.mp4").suffix.lower())
+            with video_path.open("wb") as f:
+                await asyncio.to_thread(shutil.copyfileobj, video.file, f, 1024 * 1024)
+            bg_path = None
+            if background is not None and background.filename:
+                bg_path = Path(tmp) / ("background" + PurePosixPath(background.filename).suffix.lower())
+                with bg_path.open("wb") as f:
+                    await asyncio.to_thread(shutil.copyfileobj, background.file, f, 1024 * 1024)
+
+            def submit() -> tuple[dict, bool]:
+                args = dict(video_name=video.filename, config=config)
+                if not idempotency_key:
+                    return jobs.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
+                                             force, gates, **args), True
+                mapping = jobs.idempotency_key(idempotency_key, who)
+                with store.lock(mapping):
+                    if store.exists(mapping):
+                        return jobs.read_job(store, store.get_json(mapping)["job"]), False
+                    doc = jobs.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
+                                            force, gates, **args)
+                    store.put_json(mapping, {"job": doc["id"], "created_at": time.time()})
+                    return doc, True
+
+            try:
+                doc, created = await asyncio.to_thread(submit)
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - broker or store down: nothing was kept
+                if "kombu" in type(exc).__module__ or "redis" in type(exc).__module__:
+                    raise HTTPException(503, f"queue unavailable: {exc}", headers={"Retry-After": "5"}) from exc
+                raise
+        return JSONResponse(doc, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{doc['id']}"})
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    async def get_job(job_id: str, who: str = Depends(principal)):
+        """The job: ``state`` (queued, running, accepted, rejected, failed, cancelled), ``stage``, ``stages``
+        (decisions with ``seconds`` and gate ``scores``), ``timings`` (s), ``error``."""
+        return await asyncio.to_thread(job_or_404, job_id)
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse)
+    async def job_events(job_id: str, poll_s: Annotated[float, Query(ge=0.1, le=30)] = 1.0,
+                         who: str = Depends(principal)):
+        """Server-sent events: the job document each time it changes, until it is final."""
+        doc = await asyncio.to_thread(job_or_404, job_id)
+        last = None
+        while True:
+            if doc["updated_at"] != last:
+                last = doc["updated_at"]
+                yield doc
+            if doc["state"] in jobs.TERMINAL:
+                return
+            await asyncio.sleep(poll_s)
+            doc = await asyncio.to_thread(job_or_404, job_id)
+
+    @app.get("/v1/jobs/{job_id}/artifacts", tags=["jobs"])
+    async def job_artifacts(job_id: str, expires_s: Annotated[int, Query(ge=1, le=7 * 24 * 3600)] = 3600,
+                            who: str = Depends(principal)):
+        """Presigned download URLs (``expires_s`` seconds) of the job's artifacts: the published files of an
+        accepted sample and the report of every finished one. 409 while the job is not finished."""
+        from sparkle.store_s3 import download_url
+
+        doc = await asyncio.to_thread(job_or_404, job_id)
+        if doc["state"] not in jobs.TERMINAL:
+            raise HTTPException(409, f"job {job_id} is {doc['state']}: artifacts come when it is finished")
+        found = await asyncio.to_thread(jobs.artifact_keys, store, job_id)
+        urls = {name: {"key": key, "url": await asyncio.to_thread(download_url, store, key, expires_s)}
+                for name, key in found.items()}
+        return {"id": job_id, "state": doc["state"], "expires_s": expires_s, "artifacts": urls}
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"])
+    async def cancel_job(job_id: str, who: str = Depends(principal)):
+        """Cancel: the running stage finishes, then the journey stops and removes what it staged. 409 when
+        the job is already final."""
+        job_or_404(job_id)
+        try:
+            return await asyncio.to_thread(jobs.request_cancel, store, job_id)
+        except jobs.JobFinished as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    @app.post("/v1/datasets", status_code=202, tags=["datasets"])
+    async def create_dataset(body: DatasetRequest, who: str = Depends(principal)):
+        """Generate a dataset from a manifest. Every entry is checked first (400 lists the bad ones, nothing
+        is stored); the same manifest posted again returns the same dataset and sample ids."""
+        entries = jobs.parse_manifest("\n".join(json.dumps(e) for e in body.entries))
+        config = _config(base_config, body.max_size, body.max_frames)
+        ds = await asyncio.to_thread(jobs.create_dataset, store, entries, manifest_root, config,
+                                     body.window or settings.bulk_window, body.name)
+        celery_app.send_task("sparkle.dataset_tick", args=[ds["id"]], queue=CPU_QUEUE)
+        return {**ds, "status": await asyncio.to_thread(jobs.dataset_status, store, ds["id"])}
+
+    @app.get("/v1/datasets/{dataset_id}", tags=["datasets"])
+    async def get_dataset(dataset_id: str, who: str = Depends(principal)):
+        """Progress (``total``, ``submitted``, ``finished``, ``counts`` by state) and the stage ``funnel``. A
+        run whose driver went quiet for a minute is driven again (with its in-flight samples resumed)."""
+        try:
+            status = await asyncio.to_thread(jobs.dataset_status, store, dataset_id)
+        except KeyError:
+            raise HTTPException(404, f"no dataset {dataset_id!r}") from None
+        if not status["done"] and time.time() - status["updated_at"] > 60:
+            celery_app.send_task("sparkle.dataset_tick", args=[dataset_id], kwargs={"resume": True}, queue=CPU_QUEUE)
+        return status
+
+    return app
+
+
+def gateway_command(host: str = "127.0.0.1", port: int = 8080) -> None:
+    """``sparkle gateway``: serve :func:`build_gateway` under uvicorn (settings from ``SPARKLE_*``)."""
+    import uvicorn
+
+    settings = DistributedSettings()
+    app = build_gateway(settings)
+    store = app.state.store
+    if hasattr(store, "ensure_bucket"):
+        store.ensure_bucket()
+    uvicorn.run(app, host=host, port=port, log_level="info")
