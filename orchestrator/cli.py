@@ -131,7 +131,8 @@ def enqueue_command(
         _fail(str(exc))
     err.print(f"dataset [bold]{ds['id']}[/bold]: {ds['total']} samples ({', '.join(f'{k} {v}' for k, v in ds['by_edit_type'].items())})")
     if detach:
-        app.send_task("sparkle.dataset_tick", args=[ds["id"]], kwargs={"resume": True}, queue=CPU_QUEUE)
+        app.send_task("sparkle.dataset_tick", args=[ds["id"]], kwargs={"resume": True}, queue=CPU_QUEUE,
+                      ignore_result=True)
         typer.echo(ds["id"])
         return
     first = True

@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 from sparkle import layout
 from sparkle.config import PipelineConfig
 from sparkle.errors import InputError, TooLarge
+from sparkle.serving import _BodyLimit
 
 from . import jobs
 from .routing import CPU_QUEUE
@@ -54,7 +55,8 @@ class DatasetRequest(BaseModel):
 
     entries: list[dict] = Field(min_length=1, description="manifest entries: {video | video_key, prompt?, "
                                 "theme?, chosen_keyword?, background? | background_key?, force?, gates?}")
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="dataset id (default: a hash)")
+    name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$",
+                             description="dataset id (default: a hash)")
     window: int | None = Field(None, ge=1, le=100_000, description="samples in flight at once")
     max_frames: int | None = Field(None, ge=5, le=81)
     max_size: str | None = Field(None, pattern=r"^\d{2,4}x\d{2,4}$", description="largest output size WxH")
@@ -71,6 +73,32 @@ def _config(base: PipelineConfig, max_size: str | None, max_frames: int | None) 
         return base.model_copy(update={"conform": type(base.conform).model_validate(conform)})
     except ValueError as exc:
         raise InputError(f"bad size: {exc}") from exc
+
+
+def _raise_unavailable(exc: Exception) -> None:
+    """Broker errors are a 503 with Retry-After; anything else propagates (500)."""
+    if type(exc).__module__.split(".")[0] in ("kombu", "redis", "amqp") or isinstance(exc, (ConnectionError, OSError)):
+        raise HTTPException(503, f"queue unavailable: {exc.__class__.__name__}: {exc}",
+                            headers={"Retry-After": "5"}) from exc
+    raise exc
+
+
+async def _save_upload(upload: UploadFile, stem: Path, limit: int) -> Path:
+    """Copy an upload (already streamed by the multipart parser) to ``stem`` + the client's suffix, under the
+    client's base name; TooLarge (413) beyond ``limit`` bytes."""
+    name = PurePosixPath((upload.filename or "upload.mp4").replace("\\", "/")).name or "upload.mp4"
+    path = stem / name
+    stem.mkdir(parents=True, exist_ok=True)
+
+    def copy() -> int:
+        with path.open("wb") as f:
+            shutil.copyfileobj(upload.file, f, 1024 * 1024)
+            return f.tell()
+
+    size = await asyncio.to_thread(copy)
+    if size > limit:
+        raise TooLarge(f"{name} is {size} bytes; at most {limit} are accepted (SPARKLE_MAX_UPLOAD_BYTES)")
+    return path
 
 
 def build_gateway(settings: DistributedSettings | None = None, store=None, celery_app=None,
@@ -93,6 +121,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                   description="Instruction-guided video background replacement (the Sparkle pipeline), "
                               "one video at a time or as bulk datasets.")
     app.state.store, app.state.celery = store, celery_app
+    app.add_middleware(_BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)  # JSON 413, streamed
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
@@ -130,8 +159,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
             return JSONResponse({"status": "unavailable", "error": f"{exc.__class__.__name__}: {exc}"}, 503)
         return {"status": "ready"}
 
-    @app.post("/v1/jobs", status_code=202, tags=["jobs"],
-              max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    @app.post("/v1/jobs", status_code=202, tags=["jobs"])
     async def create_job(
         request: Request,
         video: Annotated[UploadFile, File(description="the source video (a fixed-camera clip)")],
@@ -150,14 +178,10 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         ``Idempotency-Key``); 400 bad input, 413 too large, 422 malformed form, 503 broker unavailable."""
         config = _config(base_config, max_size, max_frames)
         with tempfile.TemporaryDirectory(prefix="sparkle-upload-") as tmp:
-            video_path = Path(tmp) / ("source" + PurePosixPath(video.filename or "v.mp4").suffix.lower())
-            with video_path.open("wb") as f:
-                await asyncio.to_thread(shutil.copyfileobj, video.file, f, 1024 * 1024)
+            video_path = await _save_upload(video, Path(tmp) / "video", settings.max_upload_bytes)
             bg_path = None
             if background is not None and background.filename:
-                bg_path = Path(tmp) / ("background" + PurePosixPath(background.filename).suffix.lower())
-                with bg_path.open("wb") as f:
-                    await asyncio.to_thread(shutil.copyfileobj, background.file, f, 1024 * 1024)
+                bg_path = await _save_upload(background, Path(tmp) / "background", settings.max_upload_bytes)
 
             def submit() -> tuple[dict, bool]:
                 args = dict(video_name=video.filename, config=config)
@@ -175,12 +199,10 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
 
             try:
                 doc, created = await asyncio.to_thread(submit)
-            except InputError:
-                raise
+            except InputError as exc:  # name the client's file, not the gateway's temporary copy
+                raise type(exc)(str(exc).replace(tmp + "/", "")) from None
             except Exception as exc:  # noqa: BLE001 - broker or store down: nothing was kept
-                if "kombu" in type(exc).__module__ or "redis" in type(exc).__module__:
-                    raise HTTPException(503, f"queue unavailable: {exc}", headers={"Retry-After": "5"}) from exc
-                raise
+                _raise_unavailable(exc)
         return JSONResponse(doc, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{doc['id']}"})
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
@@ -189,11 +211,13 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         (decisions with ``seconds`` and gate ``scores``), ``timings`` (s), ``error``."""
         return await asyncio.to_thread(job_or_404, job_id)
 
+    async def existing_job(job_id: str, who: str = Depends(principal)) -> dict:
+        return await asyncio.to_thread(job_or_404, job_id)
+
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse)
     async def job_events(job_id: str, poll_s: Annotated[float, Query(ge=0.1, le=30)] = 1.0,
-                         who: str = Depends(principal)):
-        """Server-sent events: the job document each time it changes, until it is final."""
-        doc = await asyncio.to_thread(job_or_404, job_id)
+                         doc: dict = Depends(existing_job)):
+        """Server-sent events: the job document each time it changes, until it is final (404 unknown job)."""
         last = None
         while True:
             if doc["updated_at"] != last:
@@ -214,16 +238,19 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         doc = await asyncio.to_thread(job_or_404, job_id)
         if doc["state"] not in jobs.TERMINAL:
             raise HTTPException(409, f"job {job_id} is {doc['state']}: artifacts come when it is finished")
-        found = await asyncio.to_thread(jobs.artifact_keys, store, job_id)
-        urls = {name: {"key": key, "url": await asyncio.to_thread(download_url, store, key, expires_s)}
-                for name, key in found.items()}
+        try:
+            found = await asyncio.to_thread(jobs.artifact_keys, store, job_id)
+            urls = {name: {"key": key, "url": await asyncio.to_thread(download_url, store, key, expires_s)}
+                    for name, key in found.items()}
+        except KeyError as exc:
+            raise HTTPException(404, f"job {job_id} has no stored artifact {exc}") from None
         return {"id": job_id, "state": doc["state"], "expires_s": expires_s, "artifacts": urls}
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, tags=["jobs"])
     async def cancel_job(job_id: str, who: str = Depends(principal)):
         """Cancel: the running stage finishes, then the journey stops and removes what it staged. 409 when
         the job is already final."""
-        job_or_404(job_id)
+        await asyncio.to_thread(job_or_404, job_id)
         try:
             return await asyncio.to_thread(jobs.request_cancel, store, job_id)
         except jobs.JobFinished as exc:
@@ -237,7 +264,11 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         config = _config(base_config, body.max_size, body.max_frames)
         ds = await asyncio.to_thread(jobs.create_dataset, store, entries, manifest_root, config,
                                      body.window or settings.bulk_window, body.name)
-        celery_app.send_task("sparkle.dataset_tick", args=[ds["id"]], queue=CPU_QUEUE)
+        try:
+            await asyncio.to_thread(celery_app.send_task, "sparkle.dataset_tick", args=[ds["id"]], queue=CPU_QUEUE,
+                                    ignore_result=True)
+        except Exception as exc:  # noqa: BLE001 - the dataset is registered: GET /v1/datasets/{id} drives it later
+            _raise_unavailable(exc)
         return {**ds, "status": await asyncio.to_thread(jobs.dataset_status, store, ds["id"])}
 
     @app.get("/v1/datasets/{dataset_id}", tags=["datasets"])
@@ -249,7 +280,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         except KeyError:
             raise HTTPException(404, f"no dataset {dataset_id!r}") from None
         if not status["done"] and time.time() - status["updated_at"] > 60:
-            celery_app.send_task("sparkle.dataset_tick", args=[dataset_id], kwargs={"resume": True}, queue=CPU_QUEUE)
+            await asyncio.to_thread(celery_app.send_task, "sparkle.dataset_tick", args=[dataset_id],
+                                    kwargs={"resume": True}, queue=CPU_QUEUE, ignore_result=True)
         return status
 
     return app

@@ -172,7 +172,7 @@ def start_journey(celery_app, store: ArtifactStore, task: SampleTask, config: Pi
     save_checkpoint(store, cp)
     doc = write_job(store, cp, "queued", None)
     try:
-        celery_app.send_task(STAGE_TASK, args=[task.id, FIRST_STAGE], queue=CPU_QUEUE)
+        celery_app.send_task(STAGE_TASK, args=[task.id, FIRST_STAGE], queue=CPU_QUEUE, ignore_result=True)
     except Exception:
         store.delete_prefix(staging_prefix(task.id))
         store.delete_prefix(job_key(task.id))
@@ -227,7 +227,7 @@ def resume_journey(celery_app, store: ArtifactStore, sid: str) -> bool:
     cp = load_checkpoint(store, sid)
     if cp is None:
         return False
-    celery_app.send_task(STAGE_TASK, args=[sid, cp.next], queue=CPU_QUEUE)
+    celery_app.send_task(STAGE_TASK, args=[sid, cp.next], queue=CPU_QUEUE, ignore_result=True)
     return True
 
 
@@ -355,7 +355,7 @@ def check_entries(entries: list[ManifestEntry], root: Path | None, store: Artifa
 
 
 def _dataset_prefix(did: str) -> str:
-    if not did or "/" in did or ".." in did:
+    if not did or "/" in did or set(did) == {"."}:
         raise KeyError(did)
     return f"datasets/{did}/"
 
@@ -372,7 +372,10 @@ def create_dataset(store: ArtifactStore, entries: list[ManifestEntry], root: Pat
     body = json.dumps({"entries": [e.model_dump() for e in entries], "root": str(root.resolve()) if root else None,
                        "config": config.model_dump(mode="json")}, sort_keys=True)
     did = name or hashlib.sha256(body.encode()).hexdigest()[:16]
-    prefix = _dataset_prefix(did)
+    try:
+        prefix = _dataset_prefix(did)
+    except KeyError:
+        raise InputError(f"invalid dataset name {did!r}") from None
     with store.lock(f"dataset-{did}"):
         if store.exists(prefix + "dataset.json"):
             existing = store.get_json(prefix + "dataset.json")

@@ -154,7 +154,9 @@ def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
         video = conform(read_video(raw, max_frames=env.config.conform.max_frames), env.config.conform)
     task.fps, task.shape = video.fps, video.shape
     env.put_video(task, "source_video", layout.source_video(task.edit_type, task.id), video.frames)
-    env.put_image(task, "source_frame0", layout.source_frame0(task.edit_type, task.id), video.frames[0])
+    # Frame 0 as every later stage and service sees it: decoded from the stored (H.264) source video.
+    stored = env.io.load_video(task.refs["source_video"]).frames
+    env.put_image(task, "source_frame0", layout.source_frame0(task.edit_type, task.id), stored[0].copy())
     t, h, w = video.shape
     return _decide(task, 0, "ingest", True, f"conformed to {t} frames of {w}x{h} at {video.fps:g} fps", started)
 

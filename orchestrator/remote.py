@@ -11,7 +11,7 @@ queue carrying artifact **keys** (never pixels), and the stage waits for the ser
   SHA-1 of the request, so a re-sent request writes the same key; the answer is cached next to it as
   ``.json``, and a repeated call (a stage re-delivered after a crash) returns the cached answer without
   calling the service again.
-- Waiting: ``AsyncResult.get`` on the deterministic task id ``{id}.{service}.{op}.{digest}``. Retries of
+- Waiting: polling the result backend for the deterministic task id ``{id}.{service}.{op}.{digest}``. Retries of
   transient failures happen on the service side (``orchestrator/tasks.py``); what reaches the stage is the
   answer, :class:`~sparkle.errors.ServiceRejected` (4xx, terminal) or
   :class:`~sparkle.errors.ServiceUnavailable` (retries exhausted, or no answer within ``op_wait_s``).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import numpy as np
 
@@ -60,8 +61,6 @@ class ServiceClient:
 
         Raises ServiceRejected, ServiceUnavailable (see the module docstring).
         """
-        from celery.exceptions import TimeoutError as CeleryTimeout
-
         digest = op_digest(service, op, request)
         base = f"{staging_prefix(sample_id)}ops/{service}.{op}.{digest}"
         if (suffix := OUTPUT_SUFFIX.get((service, op))) is not None:
@@ -70,15 +69,28 @@ class ServiceClient:
         if self.io.store.exists(cache_key):
             return self.io.store.get_json(cache_key)
         task_id = f"{sample_id}.{service}.{op}.{digest}"
-        result = self.app.AsyncResult(task_id)
-        if result.state == "FAILURE":  # a failure of an earlier journey attempt: ask again
-            result.forget()
+        backend = self.app.backend
+        if backend.get_task_meta(task_id)["status"] == "FAILURE":  # an earlier journey attempt's failure
+            backend.forget(task_id)
         self.app.send_task(OP_TASK, args=[service, op, request, cache_key], queue=SERVICE_QUEUES[service],
                            task_id=task_id)
-        try:
-            return result.get(timeout=self.wait_s, disable_sync_subtasks=False, propagate=True)
-        except CeleryTimeout:
-            raise ServiceUnavailable(f"{service}.{op}: no answer within {self.wait_s:g} s") from None
+        return self._wait(service, op, task_id)
+
+    def _wait(self, service: str, op: str, task_id: str) -> dict:
+        """Poll the result backend (plain GETs: safe from the many threads of an orchestrator worker, unlike
+        Celery's shared pub/sub result consumer) every 20 ms, backing off to 0.5 s."""
+        backend, delay = self.app.backend, 0.02
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            meta = backend.get_task_meta(task_id)
+            if meta["status"] == "SUCCESS":
+                return meta["result"]
+            if meta["status"] == "FAILURE":
+                raise backend.exception_to_python(meta["result"])
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"{service}.{op}: no answer within {self.wait_s:g} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
 
 
 class _Remote:

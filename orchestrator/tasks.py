@@ -316,7 +316,7 @@ def advance(sample_id: str, stage: str) -> dict:
         finish(cp.task, env, funnel=False)
         return _end(cp, env, stage)
     jobs.write_job(s, cp, "running", cp.next)
-    app.send_task(jobs.STAGE_TASK, args=[sample_id, cp.next], queue=CPU_QUEUE)
+    app.send_task(jobs.STAGE_TASK, args=[sample_id, cp.next], queue=CPU_QUEUE, ignore_result=True)
     cp.sent = True
     jobs.save_checkpoint(s, cp)
     return {"id": sample_id, "done": stage, "next": cp.next}
@@ -375,7 +375,8 @@ def dataset_tick_task(self, dataset_id: str, resume: bool = False, every_s: floa
             raise self.retry(countdown=backoff_s(min(self.request.retries, 6)))
         raise
     if not state["done"]:
-        self.apply_async(args=[dataset_id], kwargs={"every_s": every_s}, countdown=every_s, queue=CPU_QUEUE)
+        self.apply_async(args=[dataset_id], kwargs={"every_s": every_s}, countdown=every_s, queue=CPU_QUEUE,
+                         ignore_result=True)
     return {"id": dataset_id, "done": state["done"], "cursor": state["cursor"]}
 
 

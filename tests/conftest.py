@@ -52,11 +52,13 @@ def juggle_run(tmp_path_factory):
 # --- an S3-compatible server and Redis on loopback (the distributed run's infrastructure) ---------------------
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
+def s3_endpoint(tmp_path_factory):
     """``127.0.0.1:PORT`` of a moto S3 server (any credentials are accepted; signatures are not checked)."""
     port = _free_port()
+    # The server logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server).
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         _wait_port(port, proc, "moto server")
         yield f"127.0.0.1:{port}"
@@ -65,13 +67,14 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
-def redis_url():
+def redis_url(tmp_path_factory):
     """``redis://127.0.0.1:PORT/0`` of a private redis-server without persistence."""
     if not Path(REDIS_SERVER).is_file():
         pytest.fail(f"redis-server not found at {REDIS_SERVER}: install Debian's redis-server (apt-get install redis-server)")
     port = _free_port()
+    log = tmp_path_factory.mktemp("redis") / "redis.log"
     proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--appendonly", "no"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         _wait_port(port, proc, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"

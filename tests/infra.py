@@ -21,7 +21,8 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")
+            output = proc.stdout.read().decode()[-2000:] if proc.stdout else "(see its log file)"
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {output}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
