@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +23,17 @@ from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 
 from filelock import FileLock
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def staging_prefix(sid: str) -> str:
@@ -78,7 +90,8 @@ class ArtifactStore(ABC):
             return self.get_file(key, Path(tmp) / "blob").read_bytes()
 
     def put_json(self, key: str, obj) -> str:
-        return self.put_bytes(key, json.dumps(obj, ensure_ascii=False, indent=2).encode())
+        """Store ``obj`` as strict JSON: NaN and infinities (e.g. an unmeasured camera metric) become null."""
+        return self.put_bytes(key, json.dumps(json_safe(obj), ensure_ascii=False, indent=2, allow_nan=False).encode())
 
     def get_json(self, key: str):
         return json.loads(self.get_bytes(key))
@@ -93,7 +106,7 @@ class ArtifactStore(ABC):
         with self.lock(key):
             new_ids = {r[id_field] for r in records}
             kept = [r for r in self.read_jsonl(key) if r.get(id_field) not in new_ids]
-            lines = [json.dumps(r, ensure_ascii=False) for r in kept + records]
+            lines = [json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) for r in kept + records]
             self.put_bytes(key, ("\n".join(lines) + "\n").encode())
 
     def read_csv(self, key: str) -> list[dict]:
