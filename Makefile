@@ -39,9 +39,10 @@ test: install-all
 	  apt-get install -y -qq redis-server >/dev/null; } || echo "warning: redis-server missing (apt-get install redis-server)"
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install-all
 	$(BIN)/python benchmarks/camera_filter.py
 	$(BIN)/python benchmarks/bait_stability.py
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache *.egg-info
