@@ -12,7 +12,7 @@ import pytest
 
 from sparkle.orchestrator.settings import DistributedSettings
 from sparkle.store_s3 import open_store
-from tests.infra import BUCKET, REDIS_SERVER, _free_port, _stop, _wait_port
+from tests.infra import BUCKET, REDIS_SERVER, serving
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEOS = Path(os.environ.get("SPARKLE_TEST_VIDEOS", REPO.parent / "shared" / "data" / "videos"))
@@ -54,16 +54,10 @@ def juggle_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """``127.0.0.1:PORT`` of a moto S3 server (any credentials are accepted; signatures are not checked)."""
-    port = _free_port()
-    # The server logs every request: to a file, never to a pipe nobody reads (a full pipe blocks the server).
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        _wait_port(port, proc, "moto server")
+    with serving(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                 "moto server", log) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -71,15 +65,10 @@ def redis_url(tmp_path_factory):
     """``redis://127.0.0.1:PORT/0`` of a private redis-server without persistence."""
     if not Path(REDIS_SERVER).is_file():
         pytest.fail(f"redis-server not found at {REDIS_SERVER}: install Debian's redis-server (apt-get install redis-server)")
-    port = _free_port()
     log = tmp_path_factory.mktemp("redis") / "redis.log"
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        _wait_port(port, proc, "redis-server")
+    with serving(lambda port: [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], "redis-server", log) as port:
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="session")

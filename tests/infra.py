@@ -6,6 +6,8 @@ import shutil
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 BUCKET = "sparkle-test"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -39,3 +41,16 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def serving(argv_for_port, what: str, log: Path):
+    """Start ``argv_for_port(port)`` on a free loopback port, logging to ``log`` (never to a pipe nobody reads:
+    a full pipe blocks the server), wait until it listens; yields the port, stops the process on exit."""
+    port = _free_port()
+    proc = subprocess.Popen(argv_for_port(port), stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, proc, what)
+        yield port
+    finally:
+        _stop(proc)
