@@ -8,6 +8,7 @@ explicitly named test doubles (``sparkle.doubles``) where a test needs a service
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -327,3 +328,29 @@ def test_backoff_is_jittered_bounded_and_respects_retry_after(monkeypatch):
     assert len({round(d, 6) for d in delays}) > 300  # jittered, not a fixed schedule
     assert np.mean([tasks.backoff_s(0) for _ in range(400)]) < 0.7  # first retries are short: U(0, 1)
     assert tasks.backoff_s(0, retry_after=30) == 30
+
+
+def test_enqueue_refuses_a_bad_manifest_with_a_clear_error_and_writes_nothing(tmp_path, redis_url):
+    """Paths escaping the manifest root, unknown themes and empty prompts: exit 1 naming the entries."""
+    root = tmp_path / "inputs"
+    root.mkdir()
+    shutil.copy(JUGGLE, root / "ok.mp4")
+    (tmp_path / "outside.mp4").write_bytes(JUGGLE.read_bytes())
+    store_dir = tmp_path / "store"
+    env = {"SPARKLE_STORE_URL": f"local:{store_dir}", "SPARKLE_BROKER_URL": redis_url.rsplit("/", 1)[0] + "/15"}
+    cases = {"../outside.mp4": "escapes the manifest root", "/etc/hostname": "escapes the manifest root",
+             "missing.mp4": "not found"}
+    for video, why in cases.items():
+        manifest = root / "m.jsonl"
+        manifest.write_text(json.dumps({"video": "ok.mp4"}) + "\n" + json.dumps({"video": video}) + "\n")
+        proc = subprocess.run([SPARKLE, "enqueue", str(manifest)], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "entry 2" in proc.stderr and why in proc.stderr, proc.stderr
+    for line, why in ((json.dumps({"video": "ok.mp4", "theme": "beach"}), "unknown edit_type"),
+                      (json.dumps({"video": "ok.mp4", "prompt": "  "}), "prompt is empty"),
+                      ("not json", "not JSON")):
+        (root / "m.jsonl").write_text(line + "\n")
+        proc = subprocess.run([SPARKLE, "enqueue", str(root / "m.jsonl")], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "line 1" in proc.stderr and why in proc.stderr, proc.stderr
+    assert not store_dir.exists() or [p for p in store_dir.rglob("*") if p.is_file() and ".locks" not in p.parts] == []
