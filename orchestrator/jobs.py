@@ -36,7 +36,7 @@ from sparkle.funnel import funnel_add, funnel_result
 from sparkle.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from sparkle.store import ArtifactStore, staging_prefix
 
-from .local import MAX_PROMPT_CHARS, _existing_indices, default_keyword, validate_inputs
+from .local import MAX_PROMPT_CHARS, existing_indices, default_keyword, validate_inputs
 from .pipeline import SampleTask, summary
 from .routing import CPU_QUEUE
 
@@ -152,7 +152,7 @@ def allocate_ids(store: ArtifactStore, edit_type: str, n: int) -> int:
     """
     key = f"jobs/ids/{edit_type}.json"
     with store.lock(f"sample-ids-{edit_type}"):
-        taken = _existing_indices(store, edit_type)
+        taken = existing_indices(store, edit_type)
         first = max(store.get_json(key)["next"] if store.exists(key) else 0, max(taken) + 1 if taken else 0)
         store.put_json(key, {"next": first + n})
     return first

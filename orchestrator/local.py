@@ -19,7 +19,8 @@ MAX_PROMPT_CHARS = 4000
 """Longest accepted instruction (characters): the services' request schemas carry prompts up to this size."""
 
 
-def _existing_indices(store: ArtifactStore, edit_type: str) -> set[int]:
+def existing_indices(store: ArtifactStore, edit_type: str) -> set[int]:
+    """Sample indices of `edit_type` already used in `store`: published, reported or staged."""
     ids = {r["id"] for r in store.read_jsonl(layout.prompts_metadata(edit_type))}
     ids |= {Path(k).stem for k in store.list_keys(f"reports/{edit_type}/")}
     ids |= {k.split("/")[1] for k in store.list_keys("staging/")}
@@ -91,7 +92,7 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
     store = LocalStore(out_dir)
     video = Path(video)
     with store.lock(f"sample-ids-{edit_type}"):
-        taken = _existing_indices(store, edit_type)
+        taken = existing_indices(store, edit_type)
         sid = layout.sample_id(edit_type, max(taken) + 1 if taken else 0)
         source_key = store.put_file(staging_prefix(sid) + f"inputs/source{video.suffix.lower() or '.mp4'}", video)
     background_key = None

@@ -23,7 +23,6 @@ the reason. A cancelled job stops at its next stage boundary and leaves nothing 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -379,6 +378,3 @@ def dataset_tick_task(self, dataset_id: str, resume: bool = False, every_s: floa
                          ignore_result=True)
     return {"id": dataset_id, "done": state["done"], "cursor": state["cursor"]}
 
-
-def describe_worker() -> str:
-    return json.dumps({"services": list(_worker.services), "executor": type(_worker.executor).__name__})
