@@ -1,11 +1,14 @@
-"""Stage backend interfaces: one per model service, each implemented by ``cpu`` now and ``real``/``tiny`` later.
+"""Model backend interfaces: one per model service, implemented by ``cpu``, ``tiny`` and ``real`` in each
+service folder, and the registry that loads one by name.
 
-Every backend loads once in ``setup()`` and is then called per sample. A call gets the request's images
-or videos as arrays and a :class:`SampleContext` holding what the sample is (its conformed source video,
-prompt, optional user background, and the BAIT mask once stage 4 has run). Model backends use only what
-their model takes; the ``cpu`` backends, which are classical algorithms, may read the source video in the
-context (e.g. motion against a temporal background model). The orchestrator builds the context from
-artifact references, so the same stage code runs in-process and on Celery workers.
+A model backend is what a service's operations (``services/<name>/app.py``) run: it loads once in ``setup()``
+and is then called with decoded arrays and a :class:`SampleContext` holding what the sample is (its conformed
+source video, prompt, optional user background, and the BAIT mask once stage 4 has run). Model backends use
+only what their model takes; the ``cpu`` backends, which are classical algorithms, may read the source video in
+the context (e.g. motion against a temporal background model). The pipeline's stages never call a model
+backend directly: they call the service's operations through its client, with artifact handles.
+
+A backend may declare ``max_concurrency`` (requests it serves at once; default 1).
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class VideoGenerator(Backend, Protocol):
 
 
 class Tracker(Backend, Protocol):
-    """Tracking service (SAM3)."""
+    """Tracking service (SAM3). The service's ``bait`` operation runs the passes and the majority vote."""
 
     def track(self, ctx: SampleContext, frames: np.ndarray, anchors: list[Anchor]) -> Iterator[np.ndarray]:
         """One pass per anchor, propagated forward and backward: yields ``(T, H, W) bool`` unions over labels."""
@@ -158,6 +161,8 @@ SERVICES = ("grounding", "image_edit", "i2v", "tracking", "control", "editscore"
 
 @dataclass
 class Backends:
+    """The six model backends of one profile (in-process runs: the embedded default, ``--backend`` workers)."""
+
     grounding: Grounder
     image_edit: ImageEditor
     i2v: VideoGenerator

@@ -124,5 +124,4 @@ class PipelineConfig(BaseSettings):
     bait: BaitConfig = BaitConfig()
     conform: ConformConfig = ConformConfig()
     control: ControlConfig = ControlConfig()
-    i2v_num_frames: int = Field(81, ge=1, description="background video length; conformed to the source's T")
     catalogue: str | None = Field(None, description="theme catalogue JSON (default: the packaged one)")

@@ -33,6 +33,3 @@ class ServiceRejected(SparkleError):
 class ServiceUnavailable(SparkleError):
     """A model service stayed unavailable (503, 504, 5xx, connection errors) through every retry."""
 
-
-class Cancelled(SparkleError):
-    """The job was cancelled (``DELETE /v1/jobs/{id}``); its journey stops at the next stage boundary."""

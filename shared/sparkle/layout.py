@@ -20,7 +20,6 @@ RECORD_NAMES = (
 )
 """The five per-stage JSONL records, each at ``intermediate_data/{edit_type}/{name}.jsonl``."""
 
-IMAGE_FOLDERS = ("source_frame0", "edited_frame0", "edited_frame0_foreground_removed")
 CSV_COLUMNS = ("prompt", "src_video", "tgt_video", "task")
 
 _ID_RE = re.compile(r"^Sparkle_(?P<edit_type>[a-z0-9]+)_(?P<index>\d{6,})$")

@@ -1,19 +1,18 @@
-"""The server shell shared by the six model services (after LitServe).
+"""The HTTP server shell shared by the six model services (after LitServe).
 
-A service is a :class:`ModelAPI` with four hooks:
-
-- ``setup()``: load the model once (runs in a background thread; ``/readyz`` turns 200 when it is done);
-- ``decode_request(op, request)``: a validated request to model inputs (reads artifacts from the store);
-- ``predict(op, inputs)``: a *batch* (list) of inputs to a list of outputs, same length and order;
-- ``encode_response(op, output, request)``: an output to the response model (writes artifacts).
-
-Everything else belongs to the shell and is the same for every service: routes ``POST /v1/{op}``,
+A service is a :class:`~sparkle.service.ServiceAPI` whose operations are declared methods (one per operation,
+with its request and response models: :func:`~sparkle.service.operation`). The shell builds everything else
+from those declarations, the same for every service: routes ``POST /v1/{op}`` with their OpenAPI schemas,
 ``GET /healthz`` (process alive; 500 once loading failed), ``GET /readyz`` (model loaded and warmed up),
-``GET /metrics`` (Prometheus: requests by status, latency, batch size, queue depth, GPU memory on CUDA);
-dynamic batching per operation (up to ``max_batch_size`` requests gathered for ``batch_timeout_s``), one
-``predict`` at a time per process (one model, one device); back-pressure (beyond ``max_pending`` requests
-in the process: 503 with ``Retry-After``, never an unbounded queue); request body limit (413); unknown
-fields (422, from the strict schemas); an optional API key (401); a per-request time-out (504).
+``GET /metrics`` (Prometheus: requests by status, latency, batch size, queue depth, GPU memory on CUDA).
+
+Scheduling. Requests run in worker threads, at most ``max_concurrency`` at once per process (the setting, else
+the API's own :attr:`~sparkle.service.ServiceAPI.max_concurrency`: 1 for a model on one device, more for a
+client of a server that batches, such as vLLM); there is no process-wide lock. An operation declared with
+``batch=True`` gets dynamic batching: up to ``max_batch_size`` requests gathered for ``batch_timeout_s``, one
+call per batch. Back-pressure: beyond ``max_pending`` requests admitted in the process, 503 with
+``Retry-After`` (never an unbounded queue); request body limit (413); unknown fields (422, from the strict
+schemas); an optional API key (401); a per-request time-out (504).
 
 Error mapping: ArtifactMissing 404, TooLarge 413, other InputError 400, NotReady 503, anything else 500.
 """
@@ -24,9 +23,8 @@ import logging
 import secrets
 import threading
 import time
-from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -34,70 +32,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .artifacts import ArtifactIO
 from .errors import ArtifactMissing, InputError, NotReady, TooLarge
-from .store import ArtifactStore
+from .service import Operation, ServiceAPI
 
 log = logging.getLogger("sparkle.serving")
 
 
 class ServeSettings(BaseSettings):
-    """Shell settings; environment ``SPARKLE_SERVE_*`` (e.g. ``SPARKLE_SERVE_MAX_BATCH_SIZE=8``)."""
+    """Shell settings; environment ``SPARKLE_SERVE_*`` (e.g. ``SPARKLE_SERVE_MAX_CONCURRENCY=16``)."""
 
     model_config = SettingsConfigDict(env_prefix="SPARKLE_SERVE_")
 
-    max_batch_size: int = Field(4, ge=1)
+    max_concurrency: int | None = Field(None, ge=1, description="requests (or batches) running at once; "
+                                        "default: the service's own (1 for a local model)")
+    max_batch_size: int = Field(4, ge=1, description="requests per call of a batching operation")
     batch_timeout_s: float = Field(0.02, ge=0)
-    max_pending: int = Field(16, ge=1, description="requests admitted at once (decoding, queued, running)")
+    max_pending: int = Field(16, ge=1, description="requests admitted at once (queued or running)")
     max_body_bytes: int = Field(1_048_576, ge=1024)
     request_timeout_s: float = Field(900.0, gt=0)
     retry_after_s: int = Field(5, ge=1)
     api_key: SecretStr | None = None
     load_in_background: bool = True
-
-
-class ModelAPI(ABC):
-    """The four hooks of a model service. ``operations`` maps ``op`` to (request model, response model)."""
-
-    service: ClassVar[str]
-    operations: ClassVar[dict[str, tuple[type[BaseModel], type[BaseModel]]]]
-
-    @abstractmethod
-    def setup(self) -> None: ...
-
-    @abstractmethod
-    def decode_request(self, op: str, request: BaseModel) -> Any: ...
-
-    @abstractmethod
-    def predict(self, op: str, inputs: list[Any]) -> list[Any]: ...
-
-    @abstractmethod
-    def encode_response(self, op: str, output: Any, request: BaseModel) -> BaseModel: ...
-
-    def warmup(self) -> None:
-        """Optional: one small call after ``setup`` so that the first request pays no compilation."""
-
-    def describe(self) -> dict:
-        """Shown by ``/healthz`` and ``/readyz``."""
-        return {"service": self.service}
-
-
-class BackendAPI(ModelAPI):
-    """A service built on a stage backend (:mod:`sparkle.backends`) and the artifact store."""
-
-    def __init__(self, backend, store: ArtifactStore):
-        self.backend = backend
-        self.io = ArtifactIO(store)
-
-    def setup(self) -> None:
-        self.backend.setup()
-
-    def context(self, sample):
-        """The :class:`SampleContext` of a request's :class:`~sparkle.schemas.SampleRef`."""
-        return self.io.context(sample.sample_id, sample.prompt, sample.source_video, sample.background, sample.mask)
-
-    def describe(self) -> dict:
-        return {"service": self.service, "backend": self.backend.name}
 
 
 class _Metrics:
@@ -127,19 +82,36 @@ class _Metrics:
         return generate_latest(self.registry)
 
 
-class _Batcher:
-    """Gathers requests of one operation into batches and runs them one predict at a time."""
+class _Runner:
+    """Runs one operation's requests in worker threads under the process's concurrency limit; a batching
+    operation's requests are first gathered into batches."""
 
-    def __init__(self, api: ModelAPI, op: str, settings: ServeSettings, lock: asyncio.Lock, metrics: _Metrics):
-        self.api, self.op, self.settings, self.lock, self.metrics = api, op, settings, lock, metrics
+    def __init__(self, api: ServiceAPI, spec: Operation, settings: ServeSettings, slots: asyncio.Semaphore,
+                 pool: ThreadPoolExecutor, metrics: "_Metrics"):
+        self.api, self.spec, self.settings, self.slots, self.pool = api, spec, settings, slots, pool
+        self.metrics = metrics
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    async def submit(self, inputs: Any) -> Any:
+    async def _run(self, requests: list[BaseModel]) -> list[BaseModel]:
+        self.metrics.batch.labels(self.api.service, self.spec.name).observe(len(requests))
+        async with self.slots:
+            started = time.perf_counter()
+            responses = await asyncio.get_running_loop().run_in_executor(self.pool, self.api.run, self.spec.name,
+                                                                         requests)
+            run = round(time.perf_counter() - started, 4)
+        for response in responses:
+            response.timings = {"run": run, **response.timings}
+        return responses
+
+    async def submit(self, request: BaseModel) -> BaseModel:
+        if not self.spec.batch:
+            return (await self._run([request]))[0]
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((inputs, future))
+        await self.queue.put((request, future))
         return await future
 
-    async def run(self) -> None:
+    async def gather(self) -> None:
+        """The batching loop of a ``batch=True`` operation (batches of one op run one after another)."""
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
@@ -155,12 +127,8 @@ class _Batcher:
             batch = [(x, f) for x, f in batch if not f.done()]  # callers that timed out
             if not batch:
                 continue
-            self.metrics.batch.labels(self.api.service, self.op).observe(len(batch))
             try:
-                async with self.lock:
-                    outputs = await asyncio.to_thread(self.api.predict, self.op, [x for x, _ in batch])
-                if len(outputs) != len(batch):
-                    raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(batch)} inputs")
+                outputs = await self._run([x for x, _ in batch])
                 for (_, f), out in zip(batch, outputs):
                     if not f.done():
                         f.set_result(out)
@@ -170,7 +138,7 @@ class _Batcher:
                         f.set_exception(exc)
 
 
-class _BodyLimit:
+class BodyLimit:
     """ASGI middleware: 413 when a request body exceeds ``limit`` bytes (header or streamed count)."""
 
     class _Exceeded(Exception):
@@ -208,12 +176,12 @@ class _BodyLimit:
             await self._reject(send)
 
 
-def build_app(api: ModelAPI, settings: ServeSettings | None = None) -> FastAPI:
+def build_app(api: ServiceAPI, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app of ``api`` with the shell around it (see the module docstring)."""
     settings = settings or ServeSettings()
     metrics = _Metrics(api.service)
     state = {"status": "loading", "error": None, "pending": 0}
-    batchers: dict[str, _Batcher] = {}
+    runners: dict[str, _Runner] = {}
 
     def load() -> None:
         try:
@@ -228,10 +196,12 @@ def build_app(api: ModelAPI, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        lock = asyncio.Lock()
-        for op in api.operations:
-            batchers[op] = _Batcher(api, op, settings, lock, metrics)
-        tasks = [asyncio.create_task(b.run()) for b in batchers.values()]
+        concurrency = settings.max_concurrency or api.max_concurrency
+        slots = asyncio.Semaphore(concurrency)  # a thread pool of its own: the default one has only cores + 4
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"{api.service}-run")
+        for op, spec in api.operations().items():
+            runners[op] = _Runner(api, spec, settings, slots, pool, metrics)
+        tasks = [asyncio.create_task(r.gather()) for r in runners.values() if r.spec.batch]
         if settings.load_in_background:
             threading.Thread(target=load, name=f"{api.service}-setup", daemon=True).start()
         else:
@@ -239,10 +209,11 @@ def build_app(api: ModelAPI, settings: ServeSettings | None = None) -> FastAPI:
         yield
         for t in tasks:
             t.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=f"Sparkle Factory — {api.service}", lifespan=lifespan,
                   description=(api.__doc__ or "").strip())
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -278,14 +249,14 @@ def build_app(api: ModelAPI, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        body = {"status": "alive", "model": state["status"], **api.describe()}
+        body = {"status": "alive", "model": state["status"], **api.health()}
         if state["status"] == "failed":
             return JSONResponse({**body, "error": state["error"]}, status_code=500)
         return body
 
     @app.get("/readyz")
     async def readyz():
-        body = {"status": state["status"], **api.describe()}
+        body = {"status": state["status"], **api.health()}
         if state["status"] != "ready":
             return JSONResponse({**body, "error": state["error"]}, status_code=503, headers=retry_after())
         return body
@@ -295,8 +266,8 @@ def build_app(api: ModelAPI, settings: ServeSettings | None = None) -> FastAPI:
         metrics.queue.labels(api.service).set(state["pending"])
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def make_route(op: str, request_model: type[BaseModel], response_model: type[BaseModel]):
-        async def handler(body: request_model) -> response_model:  # type: ignore[valid-type]
+    def make_route(spec: Operation):
+        async def handler(body: spec.request) -> spec.response:  # type: ignore[valid-type]
             if state["status"] != "ready":
                 raise NotReady(f"{api.service} is {state['status']}" + (f": {state['error']}" if state["error"] else ""))
             if state["pending"] >= settings.max_pending:
@@ -304,28 +275,25 @@ def build_app(api: ModelAPI, settings: ServeSettings | None = None) -> FastAPI:
             state["pending"] += 1
             try:
                 t0 = time.perf_counter()
-                inputs = await asyncio.to_thread(api.decode_request, op, body)
-                t1 = time.perf_counter()
                 try:
-                    output = await asyncio.wait_for(batchers[op].submit(inputs), settings.request_timeout_s)
+                    response = await asyncio.wait_for(runners[spec.name].submit(body), settings.request_timeout_s)
                 except asyncio.TimeoutError:
-                    return JSONResponse({"detail": f"{op} took longer than {settings.request_timeout_s} s"},
+                    return JSONResponse({"detail": f"{spec.name} took longer than {settings.request_timeout_s} s"},
                                         status_code=504)
-                t2 = time.perf_counter()
-                response = await asyncio.to_thread(api.encode_response, op, output, body)
-                t3 = time.perf_counter()
-                response.timings = {"decode": round(t1 - t0, 4), "queue_and_predict": round(t2 - t1, 4),
-                                    "encode": round(t3 - t2, 4), "total": round(t3 - t0, 4), **response.timings}
+                total = time.perf_counter() - t0
+                run = response.timings.get("run", total)
+                response.timings = {**response.timings, "queue": round(max(0.0, total - run), 4),
+                                    "total": round(total, 4)}
                 return response
             finally:
                 state["pending"] -= 1
 
-        handler.__name__ = op
-        handler.__doc__ = getattr(api, f"doc_{op}", None) or f"{api.service} operation {op}."
-        app.post(f"/v1/{op}", response_model=response_model, dependencies=[Depends(authorise)],
-                 summary=f"{api.service}: {op}")(handler)
+        handler.__name__ = spec.name
+        handler.__doc__ = spec.doc or f"{api.service} operation {spec.name}."
+        app.post(f"/v1/{spec.name}", response_model=spec.response, dependencies=[Depends(authorise)],
+                 summary=f"{api.service}: {spec.name}")(handler)
 
-    for op, (request_model, response_model) in api.operations.items():
-        make_route(op, request_model, response_model)
+    for spec in api.operations().values():
+        make_route(spec)
     app.state.sparkle = state
     return app

@@ -101,14 +101,19 @@ class RedisLock(AbstractContextManager):
                 self._lost = exc
                 return
 
-    def __enter__(self):
+    def acquire(self) -> bool:
+        """Take the lock within ``wait_s`` seconds (then renew it until :meth:`release`); False if it stayed
+        taken. Raises redis errors when Redis is unreachable."""
         if not self._lock.acquire():
-            raise TimeoutError(f"lock {self.key!r} not acquired within {self.wait_s} s")
+            return False
+        self._stop.clear()
         self._renewer = threading.Thread(target=self._renew, name=f"renew {self.key}", daemon=True)
         self._renewer.start()
-        return self
+        return True
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def release(self, quiet: bool = False) -> None:
+        """Stop renewing and release. Raises RuntimeError if the lease was lost while held (unless ``quiet``:
+        the caller is already failing)."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
@@ -117,8 +122,16 @@ class RedisLock(AbstractContextManager):
         try:
             self._lock.release()
         except LockNotOwnedError as err:
-            if exc_type is None:
+            if not quiet:
                 raise RuntimeError(f"lease of lock {self.key!r} was lost while held ({self._lost!r})") from err
+
+    def __enter__(self):
+        if not self.acquire():
+            raise TimeoutError(f"lock {self.key!r} not acquired within {self.wait_s} s")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(quiet=exc_type is not None)
 
 
 class S3Store(ArtifactStore):
@@ -302,7 +315,7 @@ def open_store(url: str, settings=None) -> ArtifactStore:
 
     - ``local:DIR`` -> :class:`~sparkle.store.LocalStore` on ``DIR``;
     - ``s3://BUCKET`` or ``s3://BUCKET/PREFIX`` -> :class:`S3Store`, with endpoint, credentials, TLS and region
-      from ``settings`` (a :class:`~sparkle.orchestrator.settings.DistributedSettings`; read from the
+      from ``settings`` (a :class:`~sparkle.settings.DistributedSettings`; read from the
       environment when None) and its ``broker_url`` for locks when that is a ``redis://``/``rediss://``/
       ``unix://`` URL. The bucket is not created here: call :meth:`S3Store.ensure_bucket` once at start-up.
 
@@ -321,7 +334,7 @@ def open_store(url: str, settings=None) -> ArtifactStore:
     if not parts.netloc or parts.query or parts.fragment:
         raise ValueError(f"invalid store URL {url!r}: expected s3://BUCKET[/PREFIX]")
     if settings is None:
-        from sparkle.orchestrator.settings import DistributedSettings
+        from .settings import DistributedSettings
 
         settings = DistributedSettings()
     endpoint, secure = _endpoint(settings.s3_endpoint, settings.s3_secure)

@@ -8,20 +8,10 @@ foreground when ``2 * votes > passes``, and on a tie (``2 * votes == passes``) w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..backends import Anchor, GroundedObject, SampleContext, Tracker
 from ..boxes import to_pixels
-
-
-@dataclass
-class BaitResult:
-    mask: np.ndarray  # (T, H, W) bool
-    anchors: list[int]  # frame indices used as anchors
-    skipped: list[int]  # 2-FPS frames with no box (grounding failed there)
-    passes: int
 
 
 def anchors_from_round2(frame_indices: list[int], frame_objects: list[list[GroundedObject]],
@@ -42,14 +32,13 @@ def majority_vote(votes: np.ndarray, passes: int, tie_is_foreground: bool) -> np
 
 def run_bait(tracker: Tracker, ctx: SampleContext, frames: np.ndarray, anchors: list[Anchor],
              tie_is_foreground: bool = True) -> np.ndarray:
-    """Track from every anchor and vote; returns the ``(T, H, W) bool`` mask.
+    """Track from every anchor and vote (the tracking service's ``bait`` operation); returns the ``(T, H, W) bool``
+    mask. ``tracker``: a model backend whose ``track`` yields one ``(T, H, W) bool`` pass per anchor.
 
     Raises ValueError when there is no anchor (the caller rejects the sample with that reason).
     """
     if not anchors:
         raise ValueError("no anchor frame with a grounded box")
-    if hasattr(tracker, "bait"):  # a remote tracking service runs the passes and this same vote itself
-        return tracker.bait(ctx, frames, anchors, tie_is_foreground)
     t, h, w = frames.shape[:3]
     votes = np.zeros((t, h, w), np.uint16)
     passes = 0

@@ -3,12 +3,12 @@
 One queue per model service, whose workers call that service (and whose backlog KEDA scales that
 service's Deployment on), plus a CPU queue for the orchestrator's algorithmic stages (ingest, camera
 filter, decoupled control, publish). Kubernetes manifests, docker-compose and the workers read these names
-from here (``sparkle queues``), never type them twice.
+from here (``sparkle k8s-render`` writes the manifests), never type them twice.
 """
 
 from __future__ import annotations
 
-from sparkle.backends import SERVICES
+from .backends import SERVICES
 
 QUEUE_PREFIX = "sparkle."
 CPU_QUEUE = f"{QUEUE_PREFIX}cpu"
@@ -19,7 +19,3 @@ SERVICE_QUEUES: dict[str, str] = {service: f"{QUEUE_PREFIX}{service}" for servic
 
 ALL_QUEUES: tuple[str, ...] = (CPU_QUEUE, *SERVICE_QUEUES.values())
 
-
-def queue_for(service: str) -> str:
-    """The queue of ``service``; raises KeyError for an unknown service."""
-    return SERVICE_QUEUES[service]
