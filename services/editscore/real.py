@@ -182,10 +182,14 @@ class EditScoreScorer:
         """Load the judge's weights (once)."""
         self.judge.setup()
 
-    def _judge(self, pairs: list[tuple[np.ndarray, np.ndarray]], instruction: str) -> list[dict]:
-        """SC on each ``(source, edited)`` and PQ on each ``edited``, SC prompts first (as ``batch_evaluate``)."""
-        sc = self.sc_prompt.replace("<instruction>", instruction)
-        requests = [([a, b], sc) for a, b in pairs] + [([b], self.pq_prompt) for _, b in pairs]
+    def _judge(self, pairs: list[tuple[np.ndarray, np.ndarray]], instruction: str | list[str]) -> list[dict]:
+        """SC on each ``(source, edited)`` and PQ on each ``edited``, SC prompts first (as ``batch_evaluate``).
+
+        ``instruction``: one for every pair, or one per pair (pairs of several requests judged together).
+        """
+        instructions = [instruction] * len(pairs) if isinstance(instruction, str) else list(instruction)
+        requests = ([([a, b], self.sc_prompt.replace("<instruction>", text)) for (a, b), text in zip(pairs, instructions)]
+                    + [([b], self.pq_prompt) for _, b in pairs])
         answers = []
         for i in range(0, len(requests), self.max_batch):
             answers += self.judge.generate(requests[i:i + self.max_batch])
@@ -207,21 +211,41 @@ class EditScoreScorer:
         ``task``: ``"edit_background"`` or ``"remove_foreground"`` (else ValueError); both use EditScore's one
         SC prompt, the instruction says what the edit was (a removal instruction for ``remove_foreground``).
         """
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-        r = self._judge([(source, edited)], instruction)[0]
-        return ImageScore(prompt_following=r["sc"][0], consistency=r["sc"][1], perceptual_quality=r["PQ"],
-                          overall=r["O"], SC_reasoning=r["sc_reason"], PQ_reasoning=r["pq_reason"])
+        return self.score_image_batch([(ctx, source, edited, instruction, task)])[0]
+
+    def score_image_batch(self, items: list[tuple]) -> list[ImageScore]:
+        """:meth:`score_image` of several requests ``(ctx, source, edited, instruction, task)``, their SC and PQ
+        prompts generated together (``max_batch`` at a time)."""
+        for *_, task in items:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        results = self._judge([(source, edited) for _, source, edited, _, _ in items], [i[3] for i in items])
+        return [ImageScore(prompt_following=r["sc"][0], consistency=r["sc"][1], perceptual_quality=r["PQ"],
+                           overall=r["O"], SC_reasoning=r["sc_reason"], PQ_reasoning=r["pq_reason"]) for r in results]
 
     def score_frames(self, ctx: SampleContext, source: np.ndarray, edited: np.ndarray,
                      frame_indices: list[int], instruction: str) -> list[FrameScore]:
         """One :class:`FrameScore` per index (source and edited ``(T, H, W, 3) uint8``), batched generation."""
-        if any(not 0 <= i < len(edited) for i in frame_indices):
-            raise ValueError(f"frame_indices {frame_indices} outside 0..{len(edited) - 1}")
-        results = self._judge([(source[i], edited[i]) for i in frame_indices], instruction)
-        return [FrameScore(SC_score=r["SC"], PQ_score=r["PQ"], O_score=r["O"], SC_score_reasoning=r["sc_reason"],
-                           PQ_score_reasoning=r["pq_reason"], SC_raw_output=r["sc_raw"], PQ_raw_output=r["pq_raw"])
-                for r in results]
+        return self.score_frames_batch([(ctx, source, edited, frame_indices, instruction)])[0]
+
+    def score_frames_batch(self, items: list[tuple]) -> list[list[FrameScore]]:
+        """:meth:`score_frames` of several requests ``(ctx, source, edited, frame_indices, instruction)``, all
+        their frames' SC and PQ prompts generated together (``max_batch`` at a time)."""
+        pairs, instructions, counts = [], [], []
+        for _, source, edited, frame_indices, instruction in items:
+            if any(not 0 <= i < len(edited) for i in frame_indices):
+                raise ValueError(f"frame_indices {frame_indices} outside 0..{len(edited) - 1}")
+            pairs += [(source[i], edited[i]) for i in frame_indices]
+            instructions += [instruction] * len(frame_indices)
+            counts.append(len(frame_indices))
+        scores = [FrameScore(SC_score=r["SC"], PQ_score=r["PQ"], O_score=r["O"], SC_score_reasoning=r["sc_reason"],
+                             PQ_score_reasoning=r["pq_reason"], SC_raw_output=r["sc_raw"], PQ_raw_output=r["pq_raw"])
+                  for r in self._judge(pairs, instructions)]
+        out, start = [], 0
+        for n in counts:
+            out.append(scores[start:start + n])
+            start += n
+        return out
 
 
 def default_device(device: str | None) -> str:

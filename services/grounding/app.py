@@ -1,61 +1,141 @@
-"""Grounding service: ``POST /v1/describe``, ``/v1/ground_round1``, ``/v1/ground_round2``."""
+"""Grounding service (Qwen3-VL, served by vLLM): its operations, their models, and its client.
 
-from sparkle.schemas import (CameraMotionRequest, CameraMotionResponse, DescribeRequest, DescribeResponse,
-                             FrameObjectsResponse, InstructionRequest, ObjectsResponse, Round1Request, Round2Request,
-                             TextResponse)
+``POST /v1/describe``, ``/v1/ground_round1``, ``/v1/ground_round2``, ``/v1/check_camera_motion``,
+``/v1/write_instruction``. A real backend talking to a vLLM server declares ``max_concurrency`` (default 8), so
+that many requests reach vLLM at once and its continuous batching works.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from sparkle.artifacts import ImageRef, VideoRef
+from sparkle.backends import GroundedObject
 from sparkle.errors import InputError
-from sparkle.serving import BackendAPI
+from sparkle.service import OpRequest, OpResponse, SampleRef, ServiceAPI, ServiceClient, operation
 
 
-class GroundingAPI(BackendAPI):
+class DescribeRequest(OpRequest):
+    image: str
+
+
+class DescribeResponse(OpResponse):
+    text: str
+
+
+class Round1Request(OpRequest):
+    source_frame0: str
+    edited_frame0: str
+
+
+class ObjectsResponse(OpResponse):
+    objects: list[GroundedObject]
+
+
+class Round2Request(OpRequest):
+    frame_indices: list[int] = Field(min_length=1, max_length=81, description="source frames, sampled at 2 FPS")
+    labels: list[str] = Field(max_length=32)
+
+
+class FrameObjectsResponse(OpResponse):
+    frame_objects: list[list[GroundedObject]]
+
+
+class CameraMotionRequest(OpRequest):
+    frame_indices: list[int] = Field(min_length=2, max_length=81, description="source frames, sampled at 2 FPS")
+    sample_fps: float = Field(2.0, gt=0)
+
+
+class CameraMotionResponse(OpResponse):
+    camera_motion: bool
+    reason: str
+
+
+class InstructionRequest(OpRequest):
+    image: str = Field(description="key of source frame 0")
+    edit_type: str
+    chosen_keyword: str | None = Field(None, description="'subtheme: scene'; None for openve3m")
+
+
+class TextResponse(OpResponse):
+    text: str
+
+
+class GroundingAPI(ServiceAPI):
     """Qwen3-VL grounding: scene description, round-1 boxes on frame 0, round-2 boxes on 2-FPS frames."""
 
     service = "grounding"
-    operations = {
-        "describe": (DescribeRequest, DescribeResponse),
-        "ground_round1": (Round1Request, ObjectsResponse),
-        "ground_round2": (Round2Request, FrameObjectsResponse),
-        "check_camera_motion": (CameraMotionRequest, CameraMotionResponse),
-        "write_instruction": (InstructionRequest, TextResponse),
-    }
-    doc_describe = "One sentence about an image (metadata `original_scene`)."
-    doc_ground_round1 = "Foreground objects to preserve on source frame 0: `[{bbox_2d (0..1000), label}]`."
-    doc_ground_round2 = "Every label re-located on the source frames `frame_indices`: one list per frame."
-    doc_check_camera_motion = "Stage 1's fine filter: residual camera motion on the source frames `frame_indices`."
-    doc_write_instruction = "A background-replacement instruction for `edit_type` and `chosen_keyword`."
 
-    def decode_request(self, op, req):
+    def _frames(self, req: Round2Request | CameraMotionRequest):
         ctx = self.context(req.sample)
-        if op == "describe":
-            return ctx, self.io.load_image(req.image)
-        if op == "ground_round1":
-            return ctx, self.io.load_image(req.source_frame0), self.io.load_image(req.edited_frame0)
-        if op == "write_instruction":
-            return ctx, self.io.load_image(req.image), req.edit_type, req.chosen_keyword
         t = len(ctx.video.frames)
         if any(not 0 <= i < t for i in req.frame_indices):
             raise InputError(f"frame_indices must lie in 0..{t - 1}")
-        if op == "check_camera_motion":
-            return ctx, ctx.video.frames[req.frame_indices], req.sample_fps
-        return ctx, ctx.video.frames[req.frame_indices], req.frame_indices, req.labels
+        return ctx, ctx.video.frames[req.frame_indices]
 
-    def predict(self, op, inputs):
-        method = {"describe": self.backend.describe_scene, "ground_round1": self.backend.ground_round1,
-                  "ground_round2": self.backend.ground_round2,
-                  "check_camera_motion": self.backend.check_camera_motion,
-                  "write_instruction": self.backend.write_instruction}[op]
-        return [method(*x) for x in inputs]
+    @operation
+    def describe(self, req: DescribeRequest) -> DescribeResponse:
+        """One sentence about an image (metadata `original_scene`)."""
+        return DescribeResponse(text=self.backend.describe_scene(self.context(req.sample), self.io.load_image(req.image)))
 
-    def encode_response(self, op, output, req):
-        if op == "describe":
-            return DescribeResponse(text=output)
-        if op == "ground_round1":
-            return ObjectsResponse(objects=output)
-        if op == "check_camera_motion":
-            return CameraMotionResponse(camera_motion=output[0], reason=output[1])
-        if op == "write_instruction":
-            return TextResponse(text=output)
-        return FrameObjectsResponse(frame_objects=output)
+    @operation
+    def ground_round1(self, req: Round1Request) -> ObjectsResponse:
+        """Foreground objects to preserve on source frame 0: `[{bbox_2d (0..1000), label}]`."""
+        objects = self.backend.ground_round1(self.context(req.sample), self.io.load_image(req.source_frame0),
+                                             self.io.load_image(req.edited_frame0))
+        return ObjectsResponse(objects=objects)
+
+    @operation
+    def ground_round2(self, req: Round2Request) -> FrameObjectsResponse:
+        """Every label re-located on the source frames `frame_indices`: one list per frame."""
+        ctx, frames = self._frames(req)
+        return FrameObjectsResponse(frame_objects=self.backend.ground_round2(ctx, frames, req.frame_indices, req.labels))
+
+    @operation
+    def check_camera_motion(self, req: CameraMotionRequest) -> CameraMotionResponse:
+        """Stage 1's fine filter: residual camera motion on the source frames `frame_indices`."""
+        ctx, frames = self._frames(req)
+        moves, reason = self.backend.check_camera_motion(ctx, frames, req.sample_fps)
+        return CameraMotionResponse(camera_motion=moves, reason=reason)
+
+    @operation
+    def write_instruction(self, req: InstructionRequest) -> TextResponse:
+        """A background-replacement instruction for `edit_type` and `chosen_keyword`."""
+        text = self.backend.write_instruction(self.context(req.sample), self.io.load_image(req.image), req.edit_type,
+                                              req.chosen_keyword)
+        return TextResponse(text=text)
 
 
-API = GroundingAPI
+class GroundingClient(ServiceClient):
+    """The grounding calls of the pipeline's stages. Frames travel as a slice of the stored source video
+    (its key and ``frame_indices``)."""
+
+    api = GroundingAPI
+
+    @staticmethod
+    def _indices(sample: SampleRef, frames: VideoRef) -> list[int]:
+        if frames.key != sample.source_video or frames.frame_indices is None:
+            raise ValueError("grounding reads frames of the sample's source video: pass source.at(indices)")
+        return list(frames.frame_indices)
+
+    def describe_scene(self, sample: SampleRef, image: ImageRef) -> str:
+        return self.call("describe", sample, image=image.key).text
+
+    def ground_round1(self, sample: SampleRef, source_frame0: ImageRef, edited_frame0: ImageRef) -> list[GroundedObject]:
+        return self.call("ground_round1", sample, source_frame0=source_frame0.key, edited_frame0=edited_frame0.key).objects
+
+    def ground_round2(self, sample: SampleRef, frames: VideoRef, labels: list[str]) -> list[list[GroundedObject]]:
+        return self.call("ground_round2", sample, frame_indices=self._indices(sample, frames),
+                         labels=list(labels)).frame_objects
+
+    def check_camera_motion(self, sample: SampleRef, frames: VideoRef, sample_fps: float) -> tuple[bool, str]:
+        answer = self.call("check_camera_motion", sample, frame_indices=self._indices(sample, frames),
+                           sample_fps=sample_fps)
+        return answer.camera_motion, answer.reason
+
+    def write_instruction(self, sample: SampleRef, frame0: ImageRef, edit_type: str, chosen_keyword: str | None) -> str:
+        return self.call("write_instruction", sample, image=frame0.key, edit_type=edit_type,
+                         chosen_keyword=chosen_keyword).text
+
+
+API, Client = GroundingAPI, GroundingClient

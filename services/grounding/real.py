@@ -465,6 +465,12 @@ class QwenGrounder:
         self.engine = engine
         self.name = name
 
+    @property
+    def max_concurrency(self) -> int:
+        """Requests the service may run at once: many against a vLLM server (continuous batching), one for a
+        model in this process. The server shell reads it (``SPARKLE_SERVE_MAX_CONCURRENCY`` overrides it)."""
+        return self.engine.max_concurrency
+
     def setup(self) -> None:
         """Load the model (in-process) or connect to the server (HTTP), once."""
         self.engine.setup()

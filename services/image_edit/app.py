@@ -1,32 +1,74 @@
-"""Image-editing service: ``POST /v1/edit_background``, ``/v1/remove_foreground``."""
+"""Image-editing service (FLUX.2-klein): its operations, their models, and its client.
 
-from sparkle.schemas import EditBackgroundRequest, ImageResponse, RemoveForegroundRequest
-from sparkle.serving import BackendAPI
+``POST /v1/edit_background``, ``/v1/remove_foreground``; each writes a PNG to the request's ``output`` key.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from sparkle.artifacts import ImageRef
+from sparkle.backends import GroundedObject
+from sparkle.service import OpRequest, OpResponse, SampleRef, ServiceAPI, ServiceClient, operation
 
 
-class ImageEditAPI(BackendAPI):
+class EditBackgroundRequest(OpRequest):
+    output_suffix: ClassVar[str] = "png"
+
+    image: str
+    instruction: str = Field(min_length=1, max_length=4000)
+    output: str
+
+
+class RemoveForegroundRequest(OpRequest):
+    output_suffix: ClassVar[str] = "png"
+
+    image: str
+    objects: list[GroundedObject] = Field(max_length=32)
+    output: str
+
+
+class ImageResponse(OpResponse):
+    image: str
+    width: int
+    height: int
+
+
+class ImageEditAPI(ServiceAPI):
     """FLUX.2-klein edits: replace frame 0's background; erase the grounded foreground (clean plate)."""
 
     service = "image_edit"
-    operations = {
-        "edit_background": (EditBackgroundRequest, ImageResponse),
-        "remove_foreground": (RemoveForegroundRequest, ImageResponse),
-    }
-    doc_edit_background = "Replace the background of `image` as `instruction` says; the result is written to `output`."
-    doc_remove_foreground = "Erase `objects` from `image`; the clean plate is written to `output`."
 
-    def decode_request(self, op, req):
-        ctx = self.context(req.sample)
-        image = self.io.load_image(req.image)
-        return ctx, image, (req.instruction if op == "edit_background" else req.objects)
+    def _write(self, key: str, image) -> ImageResponse:
+        self.io.put_image(key, image)
+        return ImageResponse(image=key, width=image.shape[1], height=image.shape[0])
 
-    def predict(self, op, inputs):
-        method = self.backend.edit_background if op == "edit_background" else self.backend.remove_foreground
-        return [method(*x) for x in inputs]
+    @operation
+    def edit_background(self, req: EditBackgroundRequest) -> ImageResponse:
+        """Replace the background of `image` as `instruction` says; the result is written to `output`."""
+        edited = self.backend.edit_background(self.context(req.sample), self.io.load_image(req.image), req.instruction)
+        return self._write(req.output, edited)
 
-    def encode_response(self, op, output, req):
-        self.io.put_image(req.output, output)
-        return ImageResponse(image=req.output, width=output.shape[1], height=output.shape[0])
+    @operation
+    def remove_foreground(self, req: RemoveForegroundRequest) -> ImageResponse:
+        """Erase `objects` from `image`; the clean plate is written to `output`."""
+        plate = self.backend.remove_foreground(self.context(req.sample), self.io.load_image(req.image), req.objects)
+        return self._write(req.output, plate)
 
 
-API = ImageEditAPI
+class ImageEditClient(ServiceClient):
+    """The image-editing calls of the pipeline's stages: images in and out as handles."""
+
+    api = ImageEditAPI
+
+    def edit_background(self, sample: SampleRef, image: ImageRef, instruction: str) -> ImageRef:
+        return self.io.image(self.call("edit_background", sample, image=image.key, instruction=instruction).image)
+
+    def remove_foreground(self, sample: SampleRef, image: ImageRef, objects: list[GroundedObject]) -> ImageRef:
+        answer = self.call("remove_foreground", sample, image=image.key, objects=[o.model_dump() for o in objects])
+        return self.io.image(answer.image)
+
+
+API, Client = ImageEditAPI, ImageEditClient

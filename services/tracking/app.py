@@ -1,20 +1,55 @@
-"""Tracking service: ``POST /v1/bait`` (one pass per anchor, pixel-wise majority vote, bit-packed mask)."""
+"""Tracking service (SAM3): BAIT as one operation, its models, and its client.
+
+``POST /v1/bait``: one tracking pass per anchor over the source video, the pixel-wise majority vote, and the
+bit-packed mask written to the request's ``output`` key; only the mask travels back.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
 
 from sparkle.algorithms.bait import run_bait
+from sparkle.artifacts import MaskRef
 from sparkle.backends import Anchor
 from sparkle.errors import InputError
-from sparkle.schemas import BaitRequest, MaskResponse
-from sparkle.serving import BackendAPI
+from sparkle.service import OpRequest, OpResponse, SampleRef, ServiceAPI, ServiceClient, Strict, operation
 
 
-class TrackingAPI(BackendAPI):
+class AnchorBox(Strict):
+    label: str
+    box: tuple[int, int, int, int] = Field(description="pixels (x1, y1, x2, y2), x2/y2 exclusive")
+
+
+class AnchorModel(Strict):
+    frame_index: int = Field(ge=0)
+    boxes: list[AnchorBox] = Field(min_length=1, max_length=32)
+
+
+class BaitRequest(OpRequest):
+    output_suffix: ClassVar[str] = "npz"
+
+    anchors: list[AnchorModel] = Field(min_length=1, max_length=81)
+    tie_is_foreground: bool = True
+    output: str = Field(description="key of the voted mask .npz")
+
+
+class MaskResponse(OpResponse):
+    mask: str
+    shape: tuple[int, int, int]
+    passes: int
+    foreground_fraction: float
+
+
+class TrackingAPI(ServiceAPI):
     """SAM3 tracking for BAIT: every anchor's boxes propagated forward and backward, then voted."""
 
     service = "tracking"
-    operations = {"bait": (BaitRequest, MaskResponse)}
-    doc_bait = "Track from every anchor over the source video and vote; the `.npz` mask is written to `output`."
 
-    def decode_request(self, op, req):
+    @operation
+    def bait(self, req: BaitRequest) -> MaskResponse:
+        """Track from every anchor over the source video and vote; the `.npz` mask is written to `output`."""
         ctx = self.context(req.sample)
         t, h, w = ctx.video.shape
         anchors = []
@@ -26,17 +61,23 @@ class TrackingAPI(BackendAPI):
                 if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
                     raise InputError(f"box {b.box} of {b.label!r} is not inside {w}x{h}")
             anchors.append(Anchor(a.frame_index, [(b.label, tuple(b.box)) for b in a.boxes]))
-        return ctx, anchors, req.tie_is_foreground
-
-    def predict(self, op, inputs):
-        return [(run_bait(self.backend, ctx, ctx.video.frames, anchors, tie), len(anchors))
-                for ctx, anchors, tie in inputs]
-
-    def encode_response(self, op, output, req):
-        mask, passes = output
+        mask = run_bait(self.backend, ctx, ctx.video.frames, anchors, req.tie_is_foreground)
         self.io.put_mask(req.output, mask)
-        return MaskResponse(mask=req.output, shape=mask.shape, passes=passes,
+        return MaskResponse(mask=req.output, shape=mask.shape, passes=len(anchors),
                             foreground_fraction=round(float(mask.mean()), 6))
 
 
-API = TrackingAPI
+class TrackingClient(ServiceClient):
+    """BAIT as stage 4 calls it."""
+
+    api = TrackingAPI
+
+    def bait(self, sample: SampleRef, anchors: list[Anchor], tie_is_foreground: bool) -> tuple[MaskRef, float]:
+        """The voted mask over the sample's source video and its foreground fraction (0..1)."""
+        answer = self.call("bait", sample, tie_is_foreground=bool(tie_is_foreground), anchors=[
+            {"frame_index": int(a.frame_index), "boxes": [{"label": label, "box": [int(v) for v in box]}
+                                                          for label, box in a.boxes]} for a in anchors])
+        return self.io.mask(answer.mask), answer.foreground_fraction
+
+
+API, Client = TrackingAPI, TrackingClient
