@@ -48,7 +48,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import InputError, SparkleError
+from sparkle.errors import InputError, SparkleError
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Sparkle-Bench: run a model over the benchmark (infer) and score it with the judge (eval).")
@@ -191,7 +191,7 @@ def conform_reference(video, max_frames: int = REF_MAX_FRAMES, max_area: int = R
     """The source as the reference inference feeds a model: the first ``max_frames`` frames trimmed to 4k+1,
     resized (area interpolation, no crop) to :func:`reference_size`. Returns a :class:`~sparkle.media.Video`
     at the source's fps. Raises InputError when fewer than 5 frames remain."""
-    from .media import Video, trimmed_length
+    from sparkle.media import Video, trimmed_length
 
     t_in, h, w = video.shape
     t = trimmed_length(t_in, max_frames)
@@ -222,7 +222,7 @@ def _tmp_output(final: Path) -> Path:
 
 
 def _write_at_fps(frames: np.ndarray, dest: Path, fps: float, size: tuple[int, int] | None = None) -> None:
-    from .media import write_video
+    from sparkle.media import write_video
 
     if size is not None and (frames.shape[2], frames.shape[1]) != size:
         frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
@@ -235,8 +235,8 @@ class PipelineRunner:
     (e.g. BAIT finds no foreground) raises RuntimeError with the reason. Backends are loaded once."""
 
     def __init__(self, profile: str, work_dir: Path | None = None, use_ref_images: bool = False):
-        from .backends import load_backends
-        from .config import PipelineConfig
+        from sparkle.backends import load_backends
+        from sparkle.config import PipelineConfig
 
         # The source is already conformed to the reference size (multiples of 32); the pipeline keeps it
         # unless a side is over 1280x720 (a very elongated clip), and the output is resized back then.
@@ -247,9 +247,9 @@ class PipelineRunner:
         self.use_ref_images = use_ref_images
 
     def __call__(self, sample: BenchSample, conformed: Path, dest: Path, size: tuple[int, int]) -> None:
-        from .layout import EDIT_TYPES
-        from .media import read_video
-        from sparkle.orchestrator.local import replace_one
+        from sparkle.layout import EDIT_TYPES
+        from sparkle.media import read_video
+        from .local import replace_one
 
         edit_type = sample.edit_type if sample.edit_type in EDIT_TYPES else "openve3m"
         keyword = f"{sample.subtheme}: {sample.scene}" if edit_type != "openve3m" else None
@@ -279,7 +279,7 @@ class CommandRunner:
         self.timeout_s = timeout_s
 
     def __call__(self, sample: BenchSample, conformed: Path, dest: Path, size: tuple[int, int]) -> None:
-        from .media import read_video
+        from sparkle.media import read_video
 
         values = {"input": str(conformed), "output": str(dest), "prompt": sample.prompt, "id": sample.id,
                   "source": str(sample.source), "edit_type": sample.edit_type, "subtheme": sample.subtheme,
@@ -306,7 +306,7 @@ def infer_one(sample: BenchSample, save_dir: Path, runner: Callable, max_frames:
     """Make ``sample.output_path(save_dir)``: conform the source (:func:`conform_reference`), run ``runner``
     into a temporary file next to the output, then rename it into place (so an output that exists is whole).
     Raises SparkleError / RuntimeError / OSError on failure (the temporary file is removed)."""
-    from .media import read_video, write_video
+    from sparkle.media import read_video, write_video
 
     final = sample.output_path(save_dir)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The Celery app of the distributed run (broker and result backend: Redis).
+"""The Celery app of the distributed run (broker and result backend: Redis), and the base of its tasks.
 
 Reliability settings, each for a measured reason (Celery 5.7 / kombu 5.7, kombu/transport/redis.py):
 
@@ -12,27 +12,36 @@ Reliability settings, each for a measured reason (Celery 5.7 / kombu 5.7, kombu/
   ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds (10 x 10 = 100 s by default; here
   ``SPARKLE_UNACKED_RESTORE_INTERVAL_S`` x 1).
 - JSON only: task messages carry artifact keys and parameters, never pixels.
+
+The tasks themselves live with what they do: ``sparkle.stage`` with the journey's state machine
+(``journey.py``), ``sparkle.op`` with the service calls (``calls.py``), ``sparkle.dataset_tick`` with the bulk
+runs (``datasets.py``). Each is a :class:`SparkleTask`, which holds the process's resources.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import random
+import threading
+from functools import cached_property
 
-from .routing import CPU_QUEUE, SERVICE_QUEUES
-from .settings import DistributedSettings
+from celery import Celery, Task
+
+from sparkle.errors import ConfigError, InputError, ServiceRejected, ServiceUnavailable
+from sparkle.queues import CPU_QUEUE
+from sparkle.settings import DistributedSettings
+
+TASK_MODULES = ["sparkle.orchestrator.journey", "sparkle.orchestrator.calls", "sparkle.orchestrator.datasets"]
 
 
 def make_app(settings: DistributedSettings | None = None) -> Celery:
     """A configured Celery app; workers and clients build it from the same ``SPARKLE_*`` environment."""
     settings = settings or DistributedSettings()
-    app = Celery("sparkle", broker=settings.broker_url, backend=settings.broker_url,
-                 include=["sparkle.orchestrator.tasks"])
+    app = Celery("sparkle", broker=settings.broker_url, backend=settings.broker_url, include=TASK_MODULES)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=CPU_QUEUE,
-        task_routes={"sparkle.journey": {"queue": CPU_QUEUE}},  # service ops are sent to SERVICE_QUEUES[service]
+        task_default_queue=CPU_QUEUE,  # service calls are sent to SERVICE_QUEUES[service]
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_track_started=True,
         result_expires=7 * 24 * 3600,
@@ -45,8 +54,94 @@ def make_app(settings: DistributedSettings | None = None) -> Celery:
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
-    app.conf.sparkle_queues = {"cpu": CPU_QUEUE, **SERVICE_QUEUES}
     return app
 
 
 app = make_app()
+
+
+class Resources:
+    """What one process of the distributed run opens once: settings, the artifact store, a Redis client.
+
+    Created on first use (so importing a task module connects to nothing); shared by every task and thread.
+    """
+
+    @cached_property
+    def settings(self) -> DistributedSettings:
+        return DistributedSettings()
+
+    @cached_property
+    def store(self):
+        """This process's artifact store (``SPARKLE_STORE_URL``)."""
+        from sparkle.store_s3 import open_store
+
+        return open_store(self.settings.store_url, self.settings)
+
+    @cached_property
+    def redis(self):
+        import redis
+
+        return redis.Redis.from_url(self.settings.broker_url)
+
+
+_resources = Resources()
+_resources_guard = threading.Lock()
+
+
+def resources() -> Resources:
+    """This process's :class:`Resources` (its attributes are created once, under a lock)."""
+    return _resources
+
+
+class SparkleTask(Task):
+    """Base of the distributed run's tasks: the process's resources, and the retry policy of transient errors."""
+
+    @property
+    def settings(self) -> DistributedSettings:
+        with _resources_guard:
+            return _resources.settings
+
+    @property
+    def store(self):
+        with _resources_guard:
+            return _resources.store
+
+    @property
+    def redis(self):
+        with _resources_guard:
+            return _resources.redis
+
+    def backoff_s(self, retry_after: float | None = None) -> float:
+        """Delay before this task's next retry: :func:`backoff_s` with the task's retry count."""
+        return backoff_s(self.request.retries, retry_after, self.settings)
+
+
+def backoff_s(retries: int, retry_after: float | None = None, settings: DistributedSettings | None = None) -> float:
+    """Delay before retry number ``retries + 1``, seconds: full jitter over ``op_backoff_s * 2**retries``
+    capped at ``op_backoff_max_s`` (AWS architecture blog, "Exponential Backoff and Jitter"), and never less
+    than a service's ``Retry-After``."""
+    s = settings or resources().settings
+    delay = random.uniform(0, min(s.op_backoff_max_s, s.op_backoff_s * 2 ** retries))
+    return max(delay, retry_after or 0.0)
+
+
+class TransientError(Exception):
+    """A failure worth retrying; ``retry_after`` (seconds) from the service, ``max_retries`` its own bound."""
+
+    def __init__(self, message: str, retry_after: float | None = None, max_retries: int | None = None):
+        super().__init__(message)
+        self.retry_after, self.max_retries = retry_after, max_retries
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Store, broker and network errors (retried); not bad input, not a service's refusal."""
+    if isinstance(exc, (InputError, ServiceRejected, ServiceUnavailable, ConfigError)):
+        return False
+    if isinstance(exc, (TransientError, ConnectionError, TimeoutError)):
+        return True
+    names = {c.__module__.split(".")[0] + "." + c.__name__ for c in type(exc).__mro__}
+    if names & {"urllib3.HTTPError", "redis.ConnectionError", "redis.TimeoutError", "kombu.OperationalError"}:
+        return True
+    code = getattr(exc, "code", None)  # minio.error.S3Error
+    return type(exc).__name__ == "S3Error" and code in {"SlowDown", "InternalError", "ServiceUnavailable",
+                                                         "RequestTimeout", "OperationAborted"}

@@ -1,7 +1,8 @@
-"""``sparkle worker``, ``sparkle gateway`` and ``sparkle enqueue``: the processes of the distributed run.
+"""The ``sparkle`` command: the embedded default (``replace``), the tools around it, the model services
+(``serve``) and the processes of the distributed run (``worker``, ``gateway``, ``enqueue``).
 
-Settings come from ``SPARKLE_*`` (:class:`~sparkle.orchestrator.settings.DistributedSettings`): the broker
-(``SPARKLE_BROKER_URL``), the store (``SPARKLE_STORE_URL``) and the S3 endpoint and credentials.
+Exit codes: 0 the sample was accepted and published; 1 bad input or configuration (nothing written);
+3 the sample was refused by a stage (camera filter or a quality gate; its report is kept).
 """
 
 from __future__ import annotations
@@ -13,29 +14,259 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sparkle.config import PipelineConfig
 from sparkle.errors import SparkleError
 
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Sparkle Factory: instruction-guided video background replacement (the Sparkle pipeline).")
 err = Console(stderr=True)
 
+EXIT_REJECTED = 3
 
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected WxH such as 832x480, got {text!r}") from exc
+    return max(a, b), min(a, b)
+
+
+def _option_value(text: str):
+    """``--option`` values: true/false, integers and floats become those; anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _options(option: list[str]) -> dict:
-    from sparkle.cli import _option_value
-
+    """``--option KEY=VALUE`` items to backend options (exit 1 on a malformed item)."""
     out = {}
     for item in option:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _fail(f"--option expects KEY=VALUE, got {item!r}")
+            err.print(f"[red]error:[/red] --option expects KEY=VALUE, got {item!r}")
+            raise typer.Exit(1)
         out[key] = _option_value(value)
     return out
+
+
+@app.callback()
+def main() -> None:
+    """Sparkle Factory."""
+
+
+@app.command()
+def replace(
+    video: Path = typer.Argument(..., help="source video (a fixed-camera clip)"),
+    prompt: Optional[str] = typer.Argument(None, help='instruction, e.g. "Replace the background with a snowy '
+                                           'village"; omitted: written from the theme catalogue'),
+    out: Path = typer.Option(Path("out"), "-o", "--out", help="dataset root to write the sample into"),
+    theme: str = typer.Option("location", "--theme", help="edit_type: location, season, time, style, openve3m"),
+    background: Optional[Path] = typer.Option(None, "--background", help="image or video to use as the new background"),
+    keyword: Optional[str] = typer.Option(None, "--keyword", help='chosen_keyword "subtheme: scene" for the metadata'),
+    force: bool = typer.Option(False, "--force", help="keep a clip that the camera filter refuses"),
+    gates: bool = typer.Option(True, "--gates/--no-gates", help="reject samples below the EditScore gates"),
+    max_size: str = typer.Option("832x480", "--max-size", help="largest output size WxH (up to 1280x720)"),
+    max_frames: int = typer.Option(81, "--max-frames", min=5, max=81, help="frames kept from t=0 (then 4k+1)"),
+    profile: str = typer.Option("cpu", "--profile",
+                                help="backends: cpu (classical, default), tiny (random tiny models: use with "
+                                     "--no-gates), real (checkpoints from SPARKLE_MODEL_DIR_<SERVICE>)"),
+    catalogue: Optional[Path] = typer.Option(None, "--catalogue", help="theme catalogue JSON (default: packaged)"),
+    control: str = typer.Option("decoupled", "--control",
+                                help="control video: decoupled (Sparkle), foreground_only or copy_paste"),
+    as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary on stdout"),
+) -> None:
+    """Replace the background of VIDEO as PROMPT says, writing every Sparkle artifact under OUT."""
+    from .local import replace_one  # heavy imports only when running
+
+    try:
+        long_side, short_side = _parse_size(max_size)
+        config = PipelineConfig(profile=profile, conform={"max_long_side": long_side, "max_short_side": short_side,
+                                                          "max_frames": max_frames}, control={"mode": control},
+                                catalogue=str(catalogue) if catalogue else None)
+    except (ValueError, typer.BadParameter) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    started = time.perf_counter()
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=err, transient=True) as progress:
+            bars: dict[str, int] = {}
+
+            def on_stage(name, event, task):
+                if event == "start":
+                    bars[name] = progress.add_task(f"{name}", total=1)
+                else:
+                    d = task.decisions[-1]
+                    mark = "[green]ok[/green]" if d.accepted else "[red]refused[/red]"
+                    progress.update(bars[name], completed=1, description=f"{name}: {mark} {d.reason}")
+
+            task, store = replace_one(video, prompt, out, edit_type=theme, background=background,
+                                      chosen_keyword=keyword, force=force, enforce_gates=gates, config=config,
+                                      on_stage=on_stage)
+    except SparkleError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    from .pipeline import summary
+
+    result = summary(task)
+    result["output_dir"] = str(store.root)
+    result["artifacts"] = {name: str(store.path(key)) for name, key in result["artifacts"].items()}
+    result["timings"]["wall"] = round(time.perf_counter() - started, 3)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        table = Table("stage", "decision", "reason", "s")
+        for d in task.decisions:
+            table.add_row(d.name, "ok" if d.accepted else "refused", d.reason, f"{d.seconds:.1f}")
+        err.print(table)
+        if task.status == "accepted":
+            typer.echo(f"{task.id}: accepted. Edited video: {result['artifacts']['edited_video']}")
+            typer.echo(f"Dataset root: {store.root}")
+        else:
+            hint = " (use --force to keep a clip the camera filter refuses)" if task.decisions[-1].stage == 1 else ""
+            typer.echo(f"{task.id}: {task.status}: {task.reason}{hint}")
+    if task.status != "accepted":
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _register_filter() -> None:
+    from sparkle.filter_cli import filter_command
+
+    app.command("filter")(filter_command)
+
+
+_register_filter()
+
+
+def _register_more() -> None:
+    from sparkle.capacity import capacity_command
+    from sparkle.k8s_render import k8s_render_command
+
+    from .bench import bench_app
+
+    app.add_typer(bench_app, name="bench", help="Sparkle-Bench: run a model over the benchmark and judge it.")
+    app.command("capacity")(capacity_command)
+    app.command("k8s-render")(k8s_render_command)
+
+
+def _register_export() -> None:
+    from sparkle.export import export_command
+
+    app.command("export")(export_command)
+
+
+_register_more()
+_register_export()
+
+
+@app.command("catalogue")
+def catalogue_cmd(
+    theme: str = typer.Option("location", "--theme", help="location, season, time or style"),
+    n: int = typer.Option(10, "-n", min=0, help="how many choices to sample"),
+    seed: int = typer.Option(0, "--seed"),
+    file: Optional[Path] = typer.Option(None, "--file", help="a catalogue JSON (default: the packaged one)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Sample instructions from the theme catalogue: deterministic per seed, balanced over subthemes and scenes."""
+    from sparkle.catalogue import load_catalogue, write_instruction
+
+    try:
+        cat = load_catalogue(file)
+        choices = cat.sample(theme, n, seed)
+    except (SparkleError, ValueError, KeyError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    rows = [{"chosen_keyword": c.chosen_keyword, "prompt": write_instruction(c)} for c in choices]
+    if as_json:
+        typer.echo(json.dumps({"stats": cat.stats().model_dump(), "choices": rows}, indent=2))
+        return
+    table = Table("chosen_keyword", "instruction", title=f"{theme}: {n} choices, seed {seed}")
+    for r in rows:
+        table.add_row(r["chosen_keyword"], r["prompt"])
+    Console().print(table)
+
+
+@app.command()
+def funnel(
+    out: Path = typer.Argument(Path("out"), help="dataset root written by replace"),
+    as_json: bool = typer.Option(False, "--json", help="print the funnel as JSON"),
+) -> None:
+    """Samples in and out of every stage, with the reasons for refusals (also in OUT/reports/funnel.json)."""
+    from sparkle.funnel import write_funnel
+    from sparkle.store import LocalStore
+
+    if not out.is_dir():
+        err.print(f"[red]error:[/red] no such folder: {out}")
+        raise typer.Exit(1)
+    result = write_funnel(LocalStore(out))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table("stage", "in", "out", "refused (count: reason)", title=(
+        f"{result['samples']} samples: {result['accepted']} accepted, {result['rejected']} rejected"))
+    for s in result["stages"]:
+        refused = "; ".join(f"{n}: {why}" for why, n in s["refused"].items())
+        table.add_row(f"{s['stage']} {s['name']}", str(s["in"]), str(s["out"]), refused)
+    Console().print(table)
+
+
+@app.command()
+def serve(
+    service: str = typer.Argument(..., help="grounding, image_edit, i2v, tracking, control or editscore"),
+    backend: str = typer.Option("cpu", "--backend", help="real, tiny or cpu"),
+    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    store: str = typer.Option("data", "--store", help="artifact store: a directory, local:DIR or s3://BUCKET"),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="local checkpoint directory (real backend)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    option: list[str] = typer.Option([], "--option", help="backend option KEY=VALUE (repeatable), e.g. "
+                                     "--option lora_dir=/models/lightx2v --option cpu_offload=true"),
+) -> None:
+    """Start one model service (FastAPI under uvicorn). Shell settings: SPARKLE_SERVE_* variables."""
+    import importlib
+
+    import uvicorn
+
+    from sparkle.backends import load_backend
+    from sparkle.serving import build_app
+    from sparkle.store import LocalStore
+
+    options = {k: v for k, v in {"model_dir": model_dir, "device": device}.items() if v is not None}
+    options.update(_options(option))
+    try:
+        api_cls = importlib.import_module(f"sparkle.services.{service}.app").API
+        if ":" in store.split("/")[0]:  # local:DIR or s3://BUCKET (needs the distributed extra)
+            from sparkle.store_s3 import open_store
+
+            artifact_store = open_store(store)
+        else:
+            artifact_store = LocalStore(store)
+        api = api_cls(load_backend(service, backend, **options), artifact_store)
+    except ModuleNotFoundError:
+        err.print(f"[red]error:[/red] unknown service {service!r}")
+        raise typer.Exit(1)
+    except SparkleError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    uvicorn.run(build_app(api), host=host, port=port, log_level="info")
+
+
+# --- the distributed run -------------------------------------------------------------------------------
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
 
 
 def worker_command(
@@ -53,7 +284,7 @@ def worker_command(
 ) -> None:
     """Consume queues of the distributed run (Celery's own worker, in this process: SIGTERM is a warm
     shutdown that finishes the running tasks)."""
-    from .routing import ALL_QUEUES, SERVICE_QUEUES
+    from sparkle.queues import ALL_QUEUES, SERVICE_QUEUES
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(names) - set(ALL_QUEUES))
@@ -63,12 +294,13 @@ def worker_command(
         _fail(f"--pool must be prefork, threads or solo, got {pool!r}")
     services = [s for s, q in SERVICE_QUEUES.items() if q in names]
     options = _options(option)
-    from .celery_app import app
-    from .tasks import configure_worker, store
+    from .calls import configure_worker
+    from .celery_app import app as celery_app
+    from .celery_app import resources
 
     try:
         configure_worker(services, service_url, backend, {s: options for s in services})
-        s = store()
+        s = resources().store
         if hasattr(s, "ensure_bucket"):
             s.ensure_bucket()
     except SparkleError as exc:
@@ -77,7 +309,7 @@ def worker_command(
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if hostname:
         argv += ["--hostname", hostname]
-    app.worker_main(argv)
+    celery_app.worker_main(argv)
 
 
 def gateway_command(
@@ -105,14 +337,13 @@ def enqueue_command(
     """Generate a dataset from MANIFEST: register it (deterministic sample ids), then keep a bounded window
     of samples in flight until every one is finished. Running it again after a crash of anything resumes
     the same run: no sample is added twice or lost."""
-    from sparkle.cli import _parse_size
     from sparkle.config import PipelineConfig
 
-    from . import jobs
-    from .celery_app import app
-    from .routing import CPU_QUEUE
-    from .settings import DistributedSettings
-    from .tasks import store as worker_store
+    from sparkle.settings import DistributedSettings
+
+    from . import datasets
+    from .celery_app import app as celery_app
+    from .celery_app import resources
 
     if not manifest.is_file():
         _fail(f"manifest not found: {manifest}")
@@ -121,18 +352,17 @@ def enqueue_command(
         long_side, short_side = _parse_size(max_size)
         config = PipelineConfig(conform={"max_long_side": long_side, "max_short_side": short_side,
                                          "max_frames": max_frames})
-        entries = jobs.parse_manifest(manifest.read_text(), "csv" if manifest.suffix.lower() == ".csv" else "jsonl")
-        store = worker_store()
+        entries = datasets.parse_manifest(manifest.read_text(), "csv" if manifest.suffix.lower() == ".csv" else "jsonl")
+        store = resources().store
         if hasattr(store, "ensure_bucket"):
             store.ensure_bucket()
-        ds = jobs.create_dataset(store, entries, root or manifest.parent, config, window or settings.bulk_window,
+        ds = datasets.create_dataset(store, entries, root or manifest.parent, config, window or settings.bulk_window,
                                  name)
     except (SparkleError, ValueError, typer.BadParameter) as exc:
         _fail(str(exc))
     err.print(f"dataset [bold]{ds['id']}[/bold]: {ds['total']} samples ({', '.join(f'{k} {v}' for k, v in ds['by_edit_type'].items())})")
     if detach:
-        app.send_task("sparkle.dataset_tick", args=[ds["id"]], kwargs={"resume": True}, queue=CPU_QUEUE,
-                      ignore_result=True)
+        datasets.drive(celery_app, ds["id"], resume=True)
         typer.echo(ds["id"])
         return
     first = True
@@ -140,7 +370,7 @@ def enqueue_command(
                   console=err, transient=False) as progress:
         bar = progress.add_task("samples", total=ds["total"])
         while True:
-            state = jobs.dataset_tick(app, store, ds["id"], window, resume=first)
+            state = datasets.dataset_tick(celery_app, store, ds["id"], window, resume=first)
             first = False
             counts = state["counts"]
             progress.update(bar, completed=sum(counts.values()),
@@ -149,7 +379,7 @@ def enqueue_command(
             if state["done"]:
                 break
             time.sleep(poll_s)
-    status = jobs.dataset_status(store, ds["id"])
+    status = datasets.dataset_status(store, ds["id"])
     if as_json:
         typer.echo(json.dumps(status, indent=2))
         return
@@ -159,3 +389,12 @@ def enqueue_command(
         table.add_row(f"{s['stage']} {s['name']}", str(s["in"]), str(s["out"]),
                       "; ".join(f"{n}: {why}" for why, n in s["refused"].items()))
     Console().print(table)
+
+
+app.command("worker")(worker_command)
+app.command("gateway")(gateway_command)
+app.command("enqueue")(enqueue_command)
+
+
+if __name__ == "__main__":
+    app()

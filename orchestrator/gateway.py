@@ -40,18 +40,17 @@ from pydantic import BaseModel, Field
 from sparkle import layout
 from sparkle.config import PipelineConfig
 from sparkle.errors import InputError, TooLarge
-from sparkle.serving import _BodyLimit
+from sparkle.serving import BodyLimit
 
-from . import jobs
-from .routing import CPU_QUEUE
-from .settings import DistributedSettings
+from . import datasets, jobs, journey
+from sparkle.settings import DistributedSettings
 
 MULTIPART_OVERHEAD = 1024 * 1024
 """Bytes of form fields and multipart framing allowed above ``max_upload_bytes`` in one request body."""
 
 
 class DatasetRequest(BaseModel):
-    """``POST /v1/datasets``: manifest entries (see :class:`~sparkle.orchestrator.jobs.ManifestEntry`)."""
+    """``POST /v1/datasets``: manifest entries (see :class:`~sparkle.orchestrator.datasets.ManifestEntry`)."""
 
     entries: list[dict] = Field(min_length=1, description="manifest entries: {video | video_key, prompt?, "
                                 "theme?, chosen_keyword?, background? | background_key?, force?, gates?}")
@@ -121,7 +120,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                   description="Instruction-guided video background replacement (the Sparkle pipeline), "
                               "one video at a time or as bulk datasets.")
     app.state.store, app.state.celery = store, celery_app
-    app.add_middleware(_BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)  # JSON 413, streamed
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)  # JSON 413, streamed
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
@@ -186,13 +185,13 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
             def submit() -> tuple[dict, bool]:
                 args = dict(video_name=video.filename, config=config)
                 if not idempotency_key:
-                    return jobs.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
+                    return journey.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
                                              force, gates, **args), True
                 mapping = jobs.idempotency_key(idempotency_key, who)
                 with store.lock(mapping):
                     if store.exists(mapping):
                         return jobs.read_job(store, store.get_json(mapping)["job"]), False
-                    doc = jobs.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
+                    doc = journey.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
                                             force, gates, **args)
                     store.put_json(mapping, {"job": doc["id"], "created_at": time.time()})
                     return doc, True
@@ -260,28 +259,26 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
     async def create_dataset(body: DatasetRequest, who: str = Depends(principal)):
         """Generate a dataset from a manifest. Every entry is checked first (400 lists the bad ones, nothing
         is stored); the same manifest posted again returns the same dataset and sample ids."""
-        entries = jobs.parse_manifest("\n".join(json.dumps(e) for e in body.entries))
+        entries = datasets.parse_manifest("\n".join(json.dumps(e) for e in body.entries))
         config = _config(base_config, body.max_size, body.max_frames)
-        ds = await asyncio.to_thread(jobs.create_dataset, store, entries, manifest_root, config,
+        ds = await asyncio.to_thread(datasets.create_dataset, store, entries, manifest_root, config,
                                      body.window or settings.bulk_window, body.name)
         try:
-            await asyncio.to_thread(celery_app.send_task, "sparkle.dataset_tick", args=[ds["id"]], queue=CPU_QUEUE,
-                                    ignore_result=True)
+            await asyncio.to_thread(datasets.drive, celery_app, ds["id"], resume=False)
         except Exception as exc:  # noqa: BLE001 - the dataset is registered: GET /v1/datasets/{id} drives it later
             _raise_unavailable(exc)
-        return {**ds, "status": await asyncio.to_thread(jobs.dataset_status, store, ds["id"])}
+        return {**ds, "status": await asyncio.to_thread(datasets.dataset_status, store, ds["id"])}
 
     @app.get("/v1/datasets/{dataset_id}", tags=["datasets"])
     async def get_dataset(dataset_id: str, who: str = Depends(principal)):
         """Progress (``total``, ``submitted``, ``finished``, ``counts`` by state) and the stage ``funnel``. A
         run whose driver went quiet for a minute is driven again (with its in-flight samples resumed)."""
         try:
-            status = await asyncio.to_thread(jobs.dataset_status, store, dataset_id)
+            status = await asyncio.to_thread(datasets.dataset_status, store, dataset_id)
         except KeyError:
             raise HTTPException(404, f"no dataset {dataset_id!r}") from None
         if not status["done"] and time.time() - status["updated_at"] > 60:
-            await asyncio.to_thread(celery_app.send_task, "sparkle.dataset_tick", args=[dataset_id],
-                                    kwargs={"resume": True}, queue=CPU_QUEUE, ignore_result=True)
+            await asyncio.to_thread(datasets.drive, celery_app, dataset_id, resume=True)
         return status
 
     return app

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Callable
 
 from sparkle import layout
+from sparkle.artifacts import ArtifactIO
 from sparkle.backends import Backends, load_backends
 from sparkle.config import PipelineConfig
 from sparkle.errors import InputError
 from sparkle.media import IMAGE_SUFFIXES, check_input_file, check_resolution, read_image, read_video
 from sparkle.store import ArtifactStore, LocalStore, staging_prefix
 
+from .clients import in_process
 from .pipeline import SampleTask, StageEnv, run_sample
 
 
@@ -84,6 +86,9 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
                 on_stage: Callable | None = None) -> tuple[SampleTask, LocalStore]:
     """Replace the background of one video; returns the finished task and the store of ``out_dir``.
 
+    ``backends``: the six model backends, set up (default: ``load_backends(config.profile)``); the services'
+    operations run on them in this process.
+
     Raises InputError on bad input, before anything is written to ``out_dir``.
     """
     prompt = validate_inputs(video, prompt, edit_type, background)
@@ -105,4 +110,5 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
         chosen_keyword = default_keyword(prompt)
     task = SampleTask(id=sid, edit_type=edit_type, prompt=prompt or "", chosen_keyword=chosen_keyword,
                       source_key=source_key, background_key=background_key, force=force, enforce_gates=enforce_gates)
-    return run_sample(task, StageEnv(store, backends, config), on_stage), store
+    io = ArtifactIO(store, max_frames=config.conform.max_frames)
+    return run_sample(task, StageEnv(store, in_process(backends, io), config, io), on_stage), store

@@ -1,18 +1,21 @@
 """A Sparkle sample's whole journey: stages 1-5, their gates and their records, top to bottom.
 
 A sample is a :class:`SampleTask`: references to artifacts in the store plus decisions, never pixels.
-Each stage function takes the task and a :class:`StageEnv` (store, backends, config) and returns the task;
-it reads its inputs from the store by reference and writes its outputs under ``staging/{id}/``. The same
-functions run in-process (the embedded default, :func:`run_sample`) and on queue workers. When the last
-stage accepts the sample, :func:`publish` moves the staged artifacts into the Sparkle layout and adds the
-records; a rejected or failed sample leaves nothing in the layout (a rejected one leaves its report).
+Each stage function takes the task and a :class:`StageEnv` (store, the six service clients, config) and
+returns the task. Artifacts travel as handles (:mod:`sparkle.artifacts`: a key, and the pixels decoded only
+where a stage computes on them); the services are called through their clients (``services/<name>/app.py``),
+whose outputs come back as handles on the keys the services wrote, then are staged under ``staging/{id}/`` by
+a server-side copy. The same functions run in-process (the embedded default, :func:`run_sample`) and on queue
+workers (``orchestrator/journey.py``): only the clients' transport differs. When the last stage accepts the
+sample, :func:`publish` moves the staged artifacts into the Sparkle layout and adds the records; a rejected or
+failed sample leaves nothing in the layout (a rejected one leaves its report).
 
 1. camera filter   optical flow + RANSAC homography at 2 FPS, then the VLM's fine check; a moving camera is
                    refused (unless forced); the instruction is written from the catalogue if none was given
 2. frame-0 edit    image_edit.edit_background, gate: EditScore overall >= 8
 3. background      grounding round 1 on frame 0, image_edit.remove_foreground (gate: overall >= 8.5),
                    i2v.animate the clean plate into the background video
-4. BAIT            grounding round 2 at 2 FPS, one tracking pass per anchor, majority vote -> mask
+4. BAIT            grounding round 2 at 2 FPS, tracking.bait: one pass per anchor, majority vote -> mask
 5. synthesis       decoupled Canny control video, control.synthesize, gate: mean O_score >= 8 on
                    frames [1, 26, 51, 76] (spread the same way over shorter clips)
 """
@@ -29,17 +32,19 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from sparkle import layout
-from sparkle.algorithms.bait import anchors_from_round2, run_bait
+from sparkle.algorithms.bait import anchors_from_round2
 from sparkle.algorithms.camera import check_fixed_camera
 from sparkle.algorithms.control import control_video
 from sparkle.algorithms.gates import spread_frame_indices
-from sparkle.backends import Backends, SampleContext
+from sparkle.artifacts import ArtifactIO, ImageRef, MaskRef, VideoRef
 from sparkle.config import PipelineConfig
-from sparkle.artifacts import ArtifactIO
 from sparkle.errors import ArtifactMissing
 from sparkle.funnel import write_funnel
 from sparkle.media import conform, read_video, sample_indices
+from sparkle.service import SampleRef
 from sparkle.store import ArtifactStore, staging_prefix
+
+from .clients import Services
 
 REMOVAL_INSTRUCTION = "Remove {labels} from the image, leaving only the background."
 
@@ -72,7 +77,7 @@ class SampleTask(BaseModel):
     refs: dict[str, str] = Field(default_factory=dict)
     records: dict[str, dict] = Field(default_factory=dict)
     decisions: list[StageDecision] = Field(default_factory=list)
-    backends: dict[str, str] = Field(default_factory=dict)  # service -> backend name that served the sample
+    backends: dict[str, str] = Field(default_factory=dict)  # service -> what served the sample
     status: Literal["running", "accepted", "rejected", "failed", "cancelled"] = "running"
     reason: str = ""
     failed_stage: str | None = None  # the stage that raised (status "failed"), for the report
@@ -84,38 +89,34 @@ class SampleTask(BaseModel):
 
 @dataclass
 class StageEnv:
-    """What stages run with: the store (through :class:`ArtifactIO`), the six backends and the config."""
+    """What stages run with: the store, the six service clients, the config, and the :class:`ArtifactIO` the
+    clients make handles with (``io``; by default a new one on ``store``)."""
 
     store: ArtifactStore
-    backends: Backends
+    services: Services
     config: PipelineConfig
-    io: ArtifactIO = field(init=False)
+    io: ArtifactIO = field(default=None)
 
     def __post_init__(self):
-        self.io = ArtifactIO(self.store, max_frames=self.config.conform.max_frames)
+        if self.io is None:
+            self.io = ArtifactIO(self.store, max_frames=self.config.conform.max_frames)
 
-    def put_video(self, task: SampleTask, name: str, key: str, frames: np.ndarray) -> None:
-        """Stage ``frames`` at layout ``key``. Frames a remote service already stored are copied by reference
-        (no re-encoding, so the published file is the very file the service wrote)."""
-        if (stored := self.io.origin(frames)) is not None:
-            task.refs[name] = self.io.copy(stored, task.staged(key), frames)
-        else:
-            task.refs[name] = self.io.put_video(task.staged(key), frames, task.fps)
+    def sample(self, task: SampleTask) -> SampleRef:
+        """What every service request says of the sample: id, prompt, stored source, background and mask."""
+        return SampleRef(sample_id=task.id, prompt=task.prompt, source_video=task.refs["source_video"],
+                         background=task.background_key, mask=task.refs.get("mask"))
 
-    def put_image(self, task: SampleTask, name: str, key: str, image: np.ndarray) -> None:
-        if (stored := self.io.origin(image)) is not None:
-            task.refs[name] = self.io.copy(stored, task.staged(key), image)
-        else:
-            task.refs[name] = self.io.put_image(task.staged(key), image)
+    def stage(self, task: SampleTask, name: str, key: str, artifact: ImageRef | VideoRef | MaskRef):
+        """Stage ``artifact`` (a service's output) at layout ``key``: a copy by reference, so the published file
+        is the very file the service wrote. Returns the handle of the staged copy."""
+        task.refs[name] = self.io.copy(artifact.key, task.staged(key))
+        return type(artifact)(task.refs[name], self.io)
 
-    def context(self, task: SampleTask) -> SampleContext:
-        """The sample's context, built from its stored source (and background, mask) once per process."""
-        ctx = self.io.context(task.id, task.prompt, task.refs["source_video"], task.background_key,
-                              task.refs.get("mask"))
-        if ctx.background is not None and not ctx.background.fps:
-            ctx.background.fps = task.fps
-        ctx.cache["task_refs"] = dict(task.refs)  # remote backends send these keys instead of pixels
-        return ctx
+    def image(self, task: SampleTask, name: str) -> ImageRef:
+        return self.io.image(task.refs[name])
+
+    def video(self, task: SampleTask, name: str) -> VideoRef:
+        return self.io.video(task.refs[name])
 
 
 def _decide(task: SampleTask, stage: int, name: str, accepted: bool, reason: str, started: float,
@@ -153,10 +154,11 @@ def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
             raise ArtifactMissing(f"source video not found: {task.source_key}") from exc
         video = conform(read_video(raw, max_frames=env.config.conform.max_frames), env.config.conform)
     task.fps, task.shape = video.fps, video.shape
-    env.put_video(task, "source_video", layout.source_video(task.edit_type, task.id), video.frames)
+    task.refs["source_video"] = env.io.put_video(task.staged(layout.source_video(task.edit_type, task.id)),
+                                                 video.frames, video.fps)
     # Frame 0 as every later stage and service sees it: decoded from the stored (H.264) source video.
-    stored = env.io.load_video(task.refs["source_video"]).frames
-    env.put_image(task, "source_frame0", layout.source_frame0(task.edit_type, task.id), stored[0].copy())
+    frame0 = env.video(task, "source_video").array[0].copy()
+    task.refs["source_frame0"] = env.io.put_image(task.staged(layout.source_frame0(task.edit_type, task.id)), frame0)
     t, h, w = video.shape
     return _decide(task, 0, "ingest", True, f"conformed to {t} frames of {w}x{h} at {video.fps:g} fps", started)
 
@@ -166,8 +168,8 @@ def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
 def stage1_camera_filter(task: SampleTask, env: StageEnv) -> SampleTask:
     """Coarse filter (flow + RANSAC homography, cheap, CPU), then the fine VLM check on 2-FPS frames."""
     started = time.perf_counter()
-    ctx = env.context(task)
-    d = check_fixed_camera(ctx.video.frames, ctx.video.fps, env.config.camera)
+    source = env.video(task, "source_video")
+    d = check_fixed_camera(source.array, source.decoded.fps, env.config.camera)
     reason = d.reason
     if not d.accepted and task.force:
         reason = f"forced: {reason}"
@@ -175,8 +177,8 @@ def stage1_camera_filter(task: SampleTask, env: StageEnv) -> SampleTask:
     if task.status != "running":
         return task
     started = time.perf_counter()
-    indices = sample_indices(len(ctx.video.frames), ctx.video.fps, env.config.camera.sample_fps)
-    moves, reason = env.backends.grounding.check_camera_motion(ctx, ctx.video.frames[indices],
+    indices = sample_indices(task.shape[0], source.decoded.fps, env.config.camera.sample_fps)
+    moves, reason = env.services.grounding.check_camera_motion(env.sample(task), source.at(indices),
                                                                env.config.camera.sample_fps)
     if moves and task.force:
         reason, moves = f"forced: {reason}", False
@@ -191,22 +193,21 @@ def write_prompt(task: SampleTask, env: StageEnv) -> SampleTask:
     catalogue's template. ``original_scene`` is the grounding service's description of frame 0.
     """
     started = time.perf_counter()
-    ctx = env.context(task)
-    frame0 = ctx.video.frames[0]
-    task.original_scene = env.backends.grounding.describe_scene(ctx, frame0)
+    grounding, frame0 = env.services.grounding, env.image(task, "source_frame0")
+    task.original_scene = grounding.describe_scene(env.sample(task), frame0)
     if task.prompt:
         return _decide(task, 1, "instruction", True, "given by the user", started)
     from sparkle.catalogue import load_catalogue, write_instruction
 
     if task.edit_type != "openve3m" and not task.chosen_keyword:
         task.chosen_keyword = load_catalogue(env.config.catalogue).sample_one(task.edit_type, task.id).chosen_keyword
-    text = env.backends.grounding.write_instruction(ctx, frame0, task.edit_type, task.chosen_keyword).strip()
+    text = grounding.write_instruction(env.sample(task), frame0, task.edit_type, task.chosen_keyword).strip()
     source = "written by the grounding service"
     if not text:
         catalogue = load_catalogue(env.config.catalogue)
         choice = catalogue.sample_one(task.edit_type if task.edit_type != "openve3m" else "location", task.id)
         text, source = write_instruction(choice), "the grounding service wrote nothing: catalogue template"
-    task.prompt = ctx.prompt = text
+    task.prompt = text
     return _decide(task, 1, "instruction", True, source, started, {"chosen_keyword": task.chosen_keyword})
 
 
@@ -214,13 +215,14 @@ def write_prompt(task: SampleTask, env: StageEnv) -> SampleTask:
 
 def stage2_edit_frame0(task: SampleTask, env: StageEnv) -> SampleTask:
     started = time.perf_counter()
-    ctx, b = env.context(task), env.backends
-    frame0 = ctx.video.frames[0]
-    edited = b.image_edit.edit_background(ctx, frame0, task.prompt)
-    env.put_image(task, "edited_frame0", layout.edited_frame0(task.edit_type, task.id), edited)
-    score = b.editscore.score_image(ctx, frame0, edited, task.prompt, "edit_background")
+    s, sample = env.services, env.sample(task)
+    frame0 = env.image(task, "source_frame0")
+    edited = env.stage(task, "edited_frame0", layout.edited_frame0(task.edit_type, task.id),
+                       s.image_edit.edit_background(sample, frame0, task.prompt))
+    answer = s.editscore.score_image(sample, frame0, edited, task.prompt, "edit_background")
+    score = answer.score
     task.records["edited_frame0_score"] = {"id": task.id, "prompt": task.prompt,
-                                           "editscore": score.model_dump(), "scorer": b.editscore.name}
+                                           "editscore": score.model_dump(), "scorer": answer.scorer}
     ok, reason = _gate(score.overall, env.config.gates.frame0_edit_min_overall, "EditScore overall")
     return _decide(task, 2, "frame0_edit", ok, reason, started, score.model_dump(), gate=True)
 
@@ -229,10 +231,9 @@ def stage2_edit_frame0(task: SampleTask, env: StageEnv) -> SampleTask:
 
 def stage3_background_video(task: SampleTask, env: StageEnv) -> SampleTask:
     started = time.perf_counter()
-    ctx, b = env.context(task), env.backends
-    frame0 = ctx.video.frames[0]
-    edited0 = env.io.load_image(task.refs["edited_frame0"])
-    objects = b.grounding.ground_round1(ctx, frame0, edited0)
+    s, sample = env.services, env.sample(task)
+    frame0, edited0 = env.image(task, "source_frame0"), env.image(task, "edited_frame0")
+    objects = s.grounding.ground_round1(sample, frame0, edited0)
     task.records["foreground_grounding_r1"] = {
         "id": task.id, "prompt": task.prompt, "edit_type": task.edit_type,
         "round1_labels": [o.label for o in objects], "round1_objects": [o.model_dump() for o in objects]}
@@ -241,20 +242,20 @@ def stage3_background_video(task: SampleTask, env: StageEnv) -> SampleTask:
                        started, gate=True)
         if task.status != "running":
             return task
-    plate = b.image_edit.remove_foreground(ctx, edited0, objects)
-    env.put_image(task, "clean_plate", layout.clean_plate(task.edit_type, task.id), plate)
+    plate = env.stage(task, "clean_plate", layout.clean_plate(task.edit_type, task.id),
+                      s.image_edit.remove_foreground(sample, edited0, objects))
     removal = REMOVAL_INSTRUCTION.format(labels=", ".join(o.label for o in objects))
-    score = b.editscore.score_image(ctx, edited0, plate, removal, "remove_foreground")
+    answer = s.editscore.score_image(sample, edited0, plate, removal, "remove_foreground")
+    score = answer.score
     task.records["edited_frame0_foreground_removed_score"] = {
-        "id": task.id, "prompt": task.prompt, "editscore": score.model_dump(), "scorer": b.editscore.name}
+        "id": task.id, "prompt": task.prompt, "editscore": score.model_dump(), "scorer": answer.scorer}
     ok, reason = _gate(score.overall, env.config.gates.fg_removal_min_overall, "EditScore overall")
     if not ok and task.enforce_gates:
         return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(), gate=True)
-    t, h, w = task.shape
-    background = b.i2v.animate(ctx, plate, task.prompt, t, task.fps)
-    if background.shape != (t, h, w, 3):
-        raise ValueError(f"i2v backend {b.i2v.name} returned {background.shape}, expected {(t, h, w, 3)}")
-    env.put_video(task, "background_video", layout.background_video(task.edit_type, task.id), background)
+    background, shape = s.i2v.animate(sample, plate, task.prompt, task.shape[0], task.fps)
+    if shape != tuple(task.shape):
+        raise ValueError(f"the i2v service returned a {shape} video, expected {tuple(task.shape)} (T, H, W)")
+    env.stage(task, "background_video", layout.background_video(task.edit_type, task.id), background)
     return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(), gate=True)
 
 
@@ -262,27 +263,27 @@ def stage3_background_video(task: SampleTask, env: StageEnv) -> SampleTask:
 
 def stage4_bait(task: SampleTask, env: StageEnv) -> SampleTask:
     started = time.perf_counter()
-    ctx, b = env.context(task), env.backends
-    frames = ctx.video.frames
+    s, sample = env.services, env.sample(task)
     t, h, w = task.shape
     r1 = task.records["foreground_grounding_r1"]
     indices = sample_indices(t, task.fps, env.config.bait.anchor_fps)
-    frame_objects = b.grounding.ground_round2(ctx, frames[indices], indices, r1["round1_labels"])
+    frame_objects = s.grounding.ground_round2(sample, env.video(task, "source_video").at(indices),
+                                              r1["round1_labels"])
     task.records["foreground_grounding_r2"] = {
         **r1, "frame_objects": [[o.model_dump() for o in objs] for objs in frame_objects]}
     anchors, skipped = anchors_from_round2(indices, frame_objects, w, h)
+    mask_key = layout.mask(task.edit_type, task.id)
     if anchors:
-        mask = run_bait(b.tracking, ctx, frames, anchors, env.config.bait.tie_is_foreground)
+        mask, fraction = s.tracking.bait(sample, anchors, env.config.bait.tie_is_foreground)
+        mask = env.stage(task, "mask", mask_key, mask)
     else:  # only reached with gates not enforced: the sample goes on with no foreground
-        mask = np.zeros((t, h, w), bool)
-    task.refs["mask"] = env.io.put_mask(task.staged(layout.mask(task.edit_type, task.id)), mask)
-    ctx.mask = mask
-    scores = {"anchors": [a.frame_index for a in anchors], "skipped": skipped,
-              "mask_fraction": round(float(mask.mean()), 4)}
+        task.refs["mask"] = env.io.put_mask(task.staged(mask_key), np.zeros((t, h, w), bool))
+        mask, fraction = env.io.mask(task.refs["mask"]), 0.0
+    scores = {"anchors": [a.frame_index for a in anchors], "skipped": skipped, "mask_fraction": round(fraction, 4)}
     if not anchors:
         return _decide(task, 4, "bait", False, "no 2-FPS frame has a grounded box: no usable anchor", started,
                        scores, gate=True)
-    if not mask.any():
+    if fraction <= 0 and not mask.array.any():  # (a fraction under 5e-7 rounds to 0: look at the pixels)
         return _decide(task, 4, "bait", False, "the majority-vote mask is empty", started, scores, gate=True)
     return _decide(task, 4, "bait", True, f"{len(anchors)} anchor passes voted ({len(skipped)} frames skipped)",
                    started, scores)
@@ -292,42 +293,34 @@ def stage4_bait(task: SampleTask, env: StageEnv) -> SampleTask:
 
 def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
     started = time.perf_counter()
-    ctx, b, cfg = env.context(task), env.backends, env.config
-    source = ctx.video.frames
-    background = env.io.load_video(task.refs["background_video"]).frames
-    control = control_video(cfg.control.mode, source, background, ctx.mask, cfg.control.canny_low,
-                            cfg.control.canny_high)
-    env.put_video(task, "canny_video", layout.canny_video(task.edit_type, task.id), control)
-    edited0 = env.io.load_image(task.refs["edited_frame0"])
-    edited = b.control.synthesize(ctx, control, background, edited0, ctx.mask, task.prompt)
-    if edited.shape != source.shape:
-        raise ValueError(f"control backend {b.control.name} returned {edited.shape}, expected {source.shape}")
-    env.put_video(task, "edited_video", layout.edited_video(task.edit_type, task.id), edited)
-    stored = env.io.load_video(task.refs["edited_video"]).frames  # judge what is published, after encoding
-    indices = spread_frame_indices(len(stored), cfg.gates.video_frame_indices)
-    scores = b.editscore.score_frames(ctx, source, stored, indices, task.prompt)
+    s, sample, cfg = env.services, env.sample(task), env.config
+    source, background = env.video(task, "source_video"), env.video(task, "background_video")
+    control = control_video(cfg.control.mode, source.array, background.array, env.io.load_mask(task.refs["mask"]),
+                            cfg.control.canny_low, cfg.control.canny_high)
+    task.refs["canny_video"] = env.io.put_video(task.staged(layout.canny_video(task.edit_type, task.id)), control,
+                                                task.fps)
+    control = env.video(task, "canny_video")
+    edited, shape = s.control.synthesize(sample, control, background, env.image(task, "edited_frame0"), task.prompt)
+    if shape != tuple(task.shape):
+        raise ValueError(f"the control service returned a {shape} video, expected {tuple(task.shape)} (T, H, W)")
+    edited = env.stage(task, "edited_video", layout.edited_video(task.edit_type, task.id), edited)
+    indices = spread_frame_indices(task.shape[0], cfg.gates.video_frame_indices)
+    answer = s.editscore.score_frames(sample, edited, indices, task.prompt)  # judges the published file
+    scores = answer.scores
     task.records["edited_video_score"] = {"id": task.id, "prompt": task.prompt, "frame_indices": indices,
-                                          "editscore": [s.model_dump() for s in scores], "scorer": b.editscore.name}
+                                          "editscore": [s.model_dump() for s in scores], "scorer": answer.scorer}
     mean_o = float(np.mean([s.O_score for s in scores]))
     ok, reason = _gate(mean_o, cfg.gates.video_min_mean_o_score, "mean O_score")
     return _decide(task, 5, "synthesis", ok, reason, started,
                    {"mean_O_score": round(mean_o, 3), "O_scores": [s.O_score for s in scores]}, gate=True)
 
 
-STAGES: list[Callable[[SampleTask, StageEnv], SampleTask]] = [
-    ingest, stage1_camera_filter, write_prompt, stage2_edit_frame0, stage3_background_video, stage4_bait,
-    stage5_synthesis]
-STAGE_NAMES = ["ingest", "camera_filter", "instruction", "frame0_edit", "background_video", "bait", "synthesis"]
-STAGE_SERVICES: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "camera_filter": ("grounding",),
-    "instruction": ("grounding",),
-    "frame0_edit": ("grounding", "image_edit", "editscore"),
-    "background_video": ("grounding", "image_edit", "editscore", "i2v"),
-    "bait": ("grounding", "tracking"),
-    "synthesis": ("control", "editscore"),
-}
-"""The model services each stage calls (its resources); stages with none run on CPU workers."""
+STAGES: dict[str, Callable[[SampleTask, StageEnv], SampleTask]] = {
+    "ingest": ingest, "camera_filter": stage1_camera_filter, "instruction": write_prompt,
+    "frame0_edit": stage2_edit_frame0, "background_video": stage3_background_video, "bait": stage4_bait,
+    "synthesis": stage5_synthesis}
+"""The stages in journey order, by name (the names the checkpoint and the job documents use)."""
+STAGE_NAMES = list(STAGES)
 
 
 # --- publish: the sample enters the Sparkle layout -------------------------------------------------------
@@ -398,11 +391,11 @@ def run_sample(task: SampleTask, env: StageEnv,
     ``on_stage(name, event, task)`` is called with event ``"start"`` and ``"end"`` for progress display.
     A rejected sample's report is kept at ``reports/{edit_type}/{id}.json``; an exception (bad input,
     backend failure) removes everything the sample staged and propagates. (Queue workers run the same
-    stages one message at a time: ``orchestrator/tasks.py``.)
+    stages one message at a time: ``orchestrator/journey.py``.)
     """
-    task.backends = env.backends.names()
+    task.backends = env.services.names()
     try:
-        for name, stage in zip(STAGE_NAMES, STAGES):
+        for name, stage in STAGES.items():
             if on_stage:
                 on_stage(name, "start", task)
             task = stage(task, env)
@@ -428,7 +421,5 @@ def summary(task: SampleTask) -> dict:
             "artifacts": {} if task.status != "accepted" else dict(task.refs), "timings": timings}
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[SampleTask, StageEnv], SampleTask]] = dict(zip(STAGE_NAMES, STAGES))
-
-__all__ = ["SampleTask", "StageEnv", "StageDecision", "STAGES", "STAGE_NAMES", "STAGE_FUNCTIONS", "STAGE_SERVICES",
-           "run_sample", "finish", "fail", "drop_staging", "next_stage", "publish", "summary"]
+__all__ = ["SampleTask", "StageEnv", "StageDecision", "STAGES", "STAGE_NAMES", "run_sample", "finish", "fail",
+           "drop_staging", "next_stage", "publish", "summary"]

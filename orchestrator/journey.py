@@ -1,0 +1,217 @@
+"""The distributed journey: one sample's stages as Celery messages, moved on by one state machine.
+
+A journey's state is its checkpoint (``staging/{id}/journey.json``, :class:`~sparkle.orchestrator.jobs.Checkpoint`):
+the :class:`SampleTask` after its last finished stage, the next stage, and whether that stage's message was
+sent. Three functions move it, and nothing else does:
+
+- :func:`start_journey` writes the first checkpoint and the ``queued`` job, then sends ``ingest``;
+- :func:`advance` (run by the ``sparkle.stage`` task under the sample's Redis lease) runs the stage the
+  checkpoint names next (``orchestrator/pipeline.py``, with the service clients over the queues), saves the new
+  checkpoint, then sends the following stage's message; the last one publishes or reports and ends the journey;
+- :func:`resume_journey` sends the next stage's message again after a crash of anything.
+
+A re-delivered or duplicate message finds its stage done and does nothing, so every stage is idempotent; a
+message held while its stage runs lasts one stage, which is what the visibility timeout must exceed.
+Transient errors of a stage (store, broker) retry the message with back-off (``stage_max_retries``); terminal
+ones (bad input, a service's refusal, retries exhausted) end the journey as ``failed``, with the stage and the
+reason in the job and the report. A cancelled job stops at its next stage boundary and leaves only its report.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path, PurePosixPath
+
+from sparkle import layout
+from sparkle.artifacts import ArtifactIO
+from sparkle.config import PipelineConfig
+from sparkle.media import VIDEO_SUFFIXES
+from sparkle.queues import CPU_QUEUE
+from sparkle.store import ArtifactStore, staging_prefix
+
+from . import jobs
+from .calls import QueueTransport
+from .celery_app import SparkleTask, app, is_transient
+from .clients import Services
+from .local import validate_inputs
+from .pipeline import STAGES, SampleTask, StageEnv, drop_staging, fail, finish, next_stage
+
+log = logging.getLogger("sparkle.journey")
+
+FIRST_STAGE = "ingest"
+
+
+def _send(celery_app, sample_id: str, stage: str) -> None:
+    """Send the message of ``stage`` of ``sample_id`` to the orchestrator's queue."""
+    celery_app.send_task(stage_task.name, args=[sample_id, stage], queue=CPU_QUEUE, ignore_result=True)
+
+
+# --- starting and resuming ------------------------------------------------------------------------------
+
+def start_journey(celery_app, store: ArtifactStore, task: SampleTask, config: PipelineConfig,
+                  dataset: str | None = None) -> dict:
+    """Write the checkpoint and the ``queued`` job document, then send the first stage's message.
+
+    The source (and background) must already be in the store at ``task.source_key``. If the broker refuses
+    the message, what was written is removed and the error propagates (nothing half-submitted stays).
+    """
+    cp = jobs.Checkpoint(task=task, config=config.model_dump(mode="json"), next=FIRST_STAGE,
+                         submitted_at=time.time(), dataset=dataset)
+    jobs.save_checkpoint(store, cp)
+    doc = jobs.write_job(store, cp, "queued", None)
+    try:
+        _send(celery_app, task.id, FIRST_STAGE)
+    except Exception:
+        store.delete_prefix(staging_prefix(task.id))
+        store.delete_prefix(jobs.job_key(task.id))
+        raise
+    cp.sent = True
+    jobs.save_checkpoint(store, cp)
+    return doc
+
+
+def submit_files(celery_app, store: ArtifactStore, video: Path, prompt: str | None, edit_type: str = "location",
+                 chosen_keyword: str | None = None, background: Path | None = None, force: bool = False,
+                 gates: bool = True, config: PipelineConfig | None = None, sample_id: str | None = None,
+                 dataset: str | None = None, video_name: str | None = None) -> dict:
+    """Validate local files, upload them to ``staging/{id}/inputs/`` and start the journey; the job document.
+
+    ``sample_id``: given by a dataset (deterministic); else the next free index of ``edit_type``.
+    ``video_name``: the original file name (for its suffix) when ``video`` is a temporary file.
+    Raises InputError (see :func:`~sparkle.orchestrator.local.validate_inputs`) before anything is written.
+    """
+    prompt = validate_inputs(video, prompt, edit_type, background)
+    sid = sample_id or layout.sample_id(edit_type, jobs.allocate_ids(store, edit_type, 1))
+    suffix = PurePosixPath(video_name or video.name).suffix.lower()
+    source_key = store.put_file(f"{staging_prefix(sid)}inputs/source{suffix if suffix in VIDEO_SUFFIXES else '.mp4'}",
+                                video)
+    background_key = None
+    if background is not None:
+        background_key = store.put_file(f"{staging_prefix(sid)}inputs/background{background.suffix.lower()}",
+                                        background)
+    task = jobs.new_task(sid, edit_type, prompt, chosen_keyword, source_key, background_key, force, gates)
+    try:
+        return start_journey(celery_app, store, task, config or PipelineConfig(), dataset)
+    except Exception:
+        store.delete_prefix(staging_prefix(sid))
+        raise
+
+
+def resume_journey(celery_app, store: ArtifactStore, sid: str) -> bool:
+    """Send the message of the journey's next stage again (after a crash of any component); True if the
+    journey was still there to resume. A duplicate message is harmless: the stage worker runs a stage only
+    while holding the sample's lease and only if the checkpoint names it next."""
+    cp = jobs.load_checkpoint(store, sid)
+    if cp is None:
+        return False
+    _send(celery_app, sid, cp.next)
+    return True
+
+
+# --- advancing -------------------------------------------------------------------------------------------
+
+_thread = threading.local()
+
+
+def stage_env(store: ArtifactStore, config: dict, wait_s: float, celery_app=None) -> StageEnv:
+    """A stage environment whose service clients send their calls over the queues, on this thread's
+    :class:`ArtifactIO` (so decoded artifacts stay cached between the stages a thread runs)."""
+    if getattr(_thread, "io", None) is None or _thread.io.store is not store:
+        _thread.io = ArtifactIO(store)
+    services = Services.over(QueueTransport(celery_app or app, store, wait_s), _thread.io)
+    return StageEnv(store, services, PipelineConfig.model_validate(config), _thread.io)
+
+
+def _end(cp: jobs.Checkpoint, env: StageEnv, stage: str) -> dict:
+    """The journey is over: job document in its final state, staging area removed."""
+    doc = jobs.write_job(env.store, cp, cp.task.status, stage)
+    drop_staging(cp.task, env)
+    return {"id": cp.task.id, "state": doc["state"]}
+
+
+def advance(celery_app, store: ArtifactStore, sample_id: str, stage: str, wait_s: float) -> dict:
+    """Run stage ``stage`` of ``sample_id`` if the checkpoint names it next (the caller holds the lease).
+
+    Raises transient errors (the caller retries the message); terminal ones end the journey as ``failed``.
+    """
+    cp = jobs.load_checkpoint(store, sample_id)
+    if cp is None:
+        return {"id": sample_id, "skipped": "the journey is over"}
+    if stage != cp.next:
+        if cp.sent:
+            return {"id": sample_id, "skipped": f"stage {stage} is done; {cp.next} was sent"}
+        stage = cp.next  # the crash came between checkpoint and send: this message stands in for the next one
+    env = stage_env(store, cp.config, wait_s, celery_app)
+    if jobs.cancel_requested(store, sample_id):
+        fail(cp.task, env, stage, "cancelled by the user", status="cancelled", funnel=False)
+        return _end(cp, env, stage)
+    if stage == "finish":
+        finish(cp.task, env, funnel=False)
+        return _end(cp, env, stage)
+    jobs.write_job(store, cp, "running", stage)
+    task = cp.task.model_copy(deep=True)
+    if not task.backends:
+        task.backends = env.services.names()
+    try:
+        task = STAGES[stage](task, env)
+    except Exception as exc:  # noqa: BLE001 - transient ones are retried by the caller
+        if is_transient(exc):
+            raise
+        log.warning("%s: %s failed: %s: %s", sample_id, stage, exc.__class__.__name__, exc)
+        cp.task = task
+        fail(task, env, stage, f"{exc.__class__.__name__}: {exc}", funnel=False)
+        return _end(cp, env, stage)
+    cp.task, cp.next, cp.sent = task, next_stage(task, stage) or "finish", False
+    jobs.save_checkpoint(store, cp)
+    if cp.next == "finish":
+        finish(cp.task, env, funnel=False)
+        return _end(cp, env, stage)
+    jobs.write_job(store, cp, "running", cp.next)
+    _send(celery_app, sample_id, cp.next)
+    cp.sent = True
+    jobs.save_checkpoint(store, cp)
+    return {"id": sample_id, "done": stage, "next": cp.next}
+
+
+def fail_journey(store: ArtifactStore, sample_id: str, stage: str, reason: str, wait_s: float) -> dict:
+    """End the journey of ``sample_id`` as ``failed`` at ``stage`` (its retries are exhausted)."""
+    cp = jobs.load_checkpoint(store, sample_id)
+    if cp is None:
+        return {"id": sample_id, "skipped": "the journey is over"}
+    try:
+        env = stage_env(store, cp.config, wait_s)
+    except ValueError:  # a checkpoint this version cannot read (its config): the failure is still recorded
+        env = stage_env(store, {}, wait_s)
+    fail(cp.task, env, stage, reason, funnel=False)
+    return _end(cp, env, stage)
+
+
+@app.task(name="sparkle.stage", bind=True, base=SparkleTask, max_retries=None, ignore_result=True)
+def stage_task(self: SparkleTask, sample_id: str, stage: str) -> dict:
+    """One stage of one journey under the sample's lease (``sparkle:sample:{id}`` in Redis, ``sample_lease_s``,
+    renewed while held). A second delivery waits for the lease at most one lease period, then leaves the
+    sample to its live holder. Transient errors retry the message (``stage_max_retries``, back-off with
+    jitter); past that the sample fails."""
+    from sparkle.store_s3 import RedisLock
+
+    s = self.settings
+    lease = RedisLock(self.redis, f"sparkle:sample:{sample_id}", s.sample_lease_s, wait_s=s.sample_lease_s + 5)
+    try:
+        if not lease.acquire():
+            return {"id": sample_id, "skipped": "another worker holds the sample"}
+        try:
+            result = advance(self.app, self.store, sample_id, stage, s.op_wait_s)
+        except BaseException:
+            lease.release(quiet=True)
+            raise
+        lease.release()  # RuntimeError if the lease was lost while the stage ran
+        return result
+    except Exception as exc:  # noqa: BLE001 - only transient errors get here
+        if self.request.retries < s.stage_max_retries and is_transient(exc):
+            delay = self.backoff_s()
+            log.warning("%s: %s: %s; retry %d in %.1f s", sample_id, stage, exc, self.request.retries + 1, delay)
+            raise self.retry(countdown=delay)
+        return fail_journey(self.store, sample_id, stage,
+                            f"{exc.__class__.__name__}: {exc} (after {self.request.retries} retries)", s.op_wait_s)
