@@ -31,13 +31,13 @@ sys.path.insert(0, str(REPO))
 
 from sparkle.backends import load_backends  # noqa: E402
 from sparkle.config import PipelineConfig  # noqa: E402
-from sparkle.orchestrator import jobs  # noqa: E402
+from sparkle.orchestrator import jobs, journey  # noqa: E402
 from sparkle.orchestrator.celery_app import make_app  # noqa: E402
 from sparkle.orchestrator.local import replace_one  # noqa: E402
-from sparkle.orchestrator.settings import DistributedSettings  # noqa: E402
+from sparkle.settings import DistributedSettings  # noqa: E402
 from sparkle.store import LocalStore  # noqa: E402
-from tests.cluster import DOUBLES, SERVICE_QUEUES, Cluster  # noqa: E402
-from tests.infra import REDIS_SERVER, _free_port, _stop, _wait_port  # noqa: E402
+from sparkle.orchestrator.cluster import DOUBLES, Cluster, redis_server  # noqa: E402
+from sparkle.queues import CPU_QUEUE, SERVICE_QUEUES  # noqa: E402
 
 CLIP = REPO.parent / "shared" / "data" / "videos" / "static_01_juggle.mp4"
 PROMPT = "Replace the background with a snowy mountain village at dusk"
@@ -79,14 +79,8 @@ def main(samples: int = typer.Option(12, "--samples", min=2), window: int = type
          overhead_samples: int = typer.Option(5, "--overhead-samples", min=1)) -> None:
     with tempfile.TemporaryDirectory(prefix="sparkle-bench-") as tmp:
         tmp = Path(tmp)
-        port = _free_port()
-        redis_proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--save", "", "--appendonly", "no"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            _wait_port(port, redis_proc, "redis-server")
-            run(tmp, f"redis://127.0.0.1:{port}", samples, window, scale, overhead_samples)
-        finally:
-            _stop(redis_proc)
+        with redis_server() as url:
+            run(tmp, url, samples, window, scale, overhead_samples)
 
 
 def run(tmp: Path, redis_base: str, samples: int, window: int, scale: float, overhead_samples: int) -> None:
@@ -106,14 +100,14 @@ def run(tmp: Path, redis_base: str, samples: int, window: int, scale: float, ove
     settings = DistributedSettings(broker_url=broker, store_url=store_url)
     store, app = LocalStore(tmp / "store1"), make_app(settings)
     with Cluster(env, tmp / "logs1") as c:
-        c.worker("cpu", ["sparkle.cpu"], "--pool", "threads", "--concurrency", "4")
-        c.worker("services", SERVICE_QUEUES, "--backend", DOUBLES, "--concurrency", "1")
-        warm = jobs.submit_files(app, store, CLIP, PROMPT, config=CONFIG)  # warm-up: imports, first decode
+        c.worker("cpu", [CPU_QUEUE], "--pool", "threads", "--concurrency", "4")
+        c.worker("services", list(SERVICE_QUEUES.values()), "--backend", DOUBLES, "--concurrency", "1")
+        warm = journey.submit_files(app, store, CLIP, PROMPT, config=CONFIG)  # warm-up: imports, first decode
         wait(store, [warm["id"]])
         remote_walls = []
         for _ in range(overhead_samples):
             t0 = time.perf_counter()
-            doc = jobs.submit_files(app, store, CLIP, PROMPT, config=CONFIG)
+            doc = journey.submit_files(app, store, CLIP, PROMPT, config=CONFIG)
             [final] = wait(store, [doc["id"]])
             remote_walls.append(time.perf_counter() - t0)
             assert final["state"] == "accepted", final
@@ -130,8 +124,8 @@ def run(tmp: Path, redis_base: str, samples: int, window: int, scale: float, ove
     env = {"SPARKLE_BROKER_URL": broker, "SPARKLE_STORE_URL": store_url}
     store, app = LocalStore(tmp / "store2"), make_app(DistributedSettings(broker_url=broker, store_url=store_url))
     with Cluster(env, tmp / "logs2") as c:
-        c.worker("cpu", ["sparkle.cpu"], "--pool", "threads", "--concurrency", str(max(4, window)))
-        for q in SERVICE_QUEUES:
+        c.worker("cpu", [CPU_QUEUE], "--pool", "threads", "--concurrency", str(max(4, window)))
+        for q in SERVICE_QUEUES.values():
             c.worker(q.split(".")[1], [q], "--backend", DOUBLES, "--option", f"scale={scale}", "--concurrency", "1")
         inputs = tmp / "inputs"
         inputs.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkle.orchestrator.settings import DistributedSettings
+from sparkle.settings import DistributedSettings
 from sparkle.store_s3 import open_store
 from tests.infra import BUCKET, REDIS_SERVER, serving
 

@@ -104,15 +104,6 @@ def test_decoupled_canny_takes_source_edges_inside_and_background_edges_outside(
         decoupled_canny(src, bg[:-1], mask)
 
 
-def test_every_stage_declares_only_known_services():
-    from sparkle.backends import SERVICES
-    from sparkle.orchestrator.pipeline import STAGE_NAMES, STAGE_SERVICES
-
-    assert list(STAGE_SERVICES) == STAGE_NAMES
-    used = {s for services in STAGE_SERVICES.values() for s in services}
-    assert used == set(SERVICES)  # every model service is used by some stage, none is invented
-
-
 def test_judged_frames_are_spread_like_sparkles():
     from sparkle.algorithms.gates import reason_kind, spread_frame_indices
 

@@ -20,8 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from typer.testing import CliRunner
 
-from sparkle import bench
-from sparkle.bench import (DIMENSIONS, BenchSample, bench_app, cap_scores, conform_reference, load_bench,
+from sparkle.orchestrator import bench
+from sparkle.orchestrator.bench import (DIMENSIONS, BenchSample, bench_app, cap_scores, conform_reference, load_bench,
                            parse_scores, read_records, reference_size, score_file, summarize)
 from sparkle.media import Video, read_video, write_png, write_video
 

@@ -2,7 +2,7 @@
 
 - the file validates against the Compose specification's JSON schema (check-jsonschema's vendored copy);
 - every ``sparkle`` command in it is a command of the CLI and its arguments parse; flower's options parse;
-- every queue has a consumer in both profiles, and only queues of ``orchestrator/routing.py`` are named;
+- every queue has a consumer in both profiles, and only queues of ``shared/sparkle/queues.py`` are named;
 - every ``SPARKLE_*`` variable is one the code reads (settings classes, ``options_from_env``, the backends);
 - service URLs, ports, dependencies, GPU reservations, model volumes and profiles are consistent;
 - commands, worker sizing and model-server settings equal the Kubernetes manifests' (``sparkle.k8s_render``);
@@ -28,8 +28,8 @@ from pydantic import BaseModel
 from sparkle import k8s_render
 from sparkle.backends import SERVICES, options_from_env
 from sparkle.config import PipelineConfig
-from sparkle.orchestrator.routing import ALL_QUEUES, CPU_QUEUE, SERVICE_QUEUES
-from sparkle.orchestrator.settings import DistributedSettings
+from sparkle.queues import ALL_QUEUES, CPU_QUEUE, SERVICE_QUEUES
+from sparkle.settings import DistributedSettings
 from sparkle.serving import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +290,7 @@ def test_profiles_are_cpu_and_gpu_only(services):
 def _cli():
     import typer.main
 
-    from sparkle.cli import app
+    from sparkle.orchestrator.cli import app
 
     return typer.main.get_command(app)
 
@@ -304,7 +304,7 @@ def test_every_sparkle_command_exists_and_its_arguments_parse(services):
             continue
         assert argv, f"{name}: `sparkle` without a subcommand"
         sub, args = argv[0], argv[1:]
-        assert sub in cli.commands, (f"{name}: `sparkle {sub}` is not a command of sparkle.cli.app "
+        assert sub in cli.commands, (f"{name}: `sparkle {sub}` is not a command of sparkle.orchestrator.cli.app "
                                      f"(commands: {', '.join(sorted(cli.commands))})")
         try:
             cli.commands[sub].make_context(sub, list(args))

@@ -25,14 +25,17 @@ from sparkle.backends import load_backends
 from sparkle.config import PipelineConfig
 from sparkle.errors import ServiceRejected
 from sparkle.masks import unpack_mask
-from sparkle.orchestrator import jobs
+from sparkle.orchestrator import datasets, jobs, journey
 from sparkle.orchestrator.celery_app import make_app
 from sparkle.orchestrator.gateway import build_gateway
 from sparkle.orchestrator.local import replace_one
-from sparkle.orchestrator.settings import DistributedSettings
+from sparkle.settings import DistributedSettings
 from sparkle.store_s3 import open_store
-from tests.cluster import DOUBLES, SERVICE_QUEUES, SPARKLE, Cluster
+from sparkle.orchestrator.cluster import DOUBLES, SPARKLE, Cluster, free_port
+from sparkle.queues import SERVICE_QUEUES
 from tests.conftest import HANDHELD, JUGGLE, PEDESTRIANS, SNOW_PROMPT
+
+QUEUES = list(SERVICE_QUEUES.values())
 
 SMALL = {"max_size": "320x192", "max_frames": "17"}
 SMALL_CONFIG = PipelineConfig(conform={"max_long_side": 320, "max_short_side": 192, "max_frames": 17})
@@ -76,7 +79,7 @@ def test_full_pipeline_over_celery_workers_matches_the_embedded_default(run, tmp
     over HTTP) -> the published Sparkle layout, identical in content to the in-process run of the same clip."""
     c = run["cluster"]
     c.worker("cpu", ["sparkle.cpu"], "--pool", "threads", "--concurrency", "4")
-    five = [q for q in SERVICE_QUEUES if q != "sparkle.i2v"]
+    five = [q for q in QUEUES if q != "sparkle.i2v"]
     c.worker("services", five, "--backend", "cpu", "--concurrency", "2")
     port = c.server("i2v-server", "i2v", "cpu", run["store_url"])
     c.worker("i2v", ["sparkle.i2v"], "--service-url", f"http://127.0.0.1:{port}", "--concurrency", "1")
@@ -135,10 +138,10 @@ def test_sigkill_of_a_service_worker_mid_stage_still_gives_exactly_one_result(ru
     once."""
     c = run["cluster"]
     c.worker("cpu", ["sparkle.cpu"], "--pool", "threads", "--concurrency", "2")
-    c.worker("services", [q for q in SERVICE_QUEUES if q != "sparkle.control"], "--backend", DOUBLES,
+    c.worker("services", [q for q in QUEUES if q != "sparkle.control"], "--backend", DOUBLES,
              "--concurrency", "1")
     c.worker("control", ["sparkle.control"], "--backend", DOUBLES, "--option", "delay_s=3", "--concurrency", "1")
-    doc = jobs.submit_files(run["app"], run["store"], JUGGLE, SNOW_PROMPT, config=SMALL_CONFIG)
+    doc = journey.submit_files(run["app"], run["store"], JUGGLE, SNOW_PROMPT, config=SMALL_CONFIG)
     sid = doc["id"]
     deadline = time.monotonic() + 120
     while jobs.read_job(run["store"], sid)["stage"] != "synthesis":
@@ -181,7 +184,7 @@ def test_killing_the_orchestrator_mid_bulk_run_and_restarting_exports_every_samp
     again with the same manifest; the export holds every sample exactly once, under the same ids."""
     c = run["cluster"]
     c.worker("cpu", ["sparkle.cpu"], "--pool", "threads", "--concurrency", "3")
-    c.worker("services", SERVICE_QUEUES, "--backend", DOUBLES, "--option", "delay_s=0.15", "--concurrency", "2")
+    c.worker("services", QUEUES, "--backend", DOUBLES, "--option", "delay_s=0.15", "--concurrency", "2")
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     manifest = _manifest(inputs / "manifest.jsonl", 6)
@@ -199,7 +202,7 @@ def test_killing_the_orchestrator_mid_bulk_run_and_restarting_exports_every_samp
     enqueue.wait()
     c.kill("cpu")  # journeys in the middle of a stage lose their worker
     [dataset] = [k.split("/")[1] for k in store.list_keys("datasets/") if k.endswith("dataset.json")]
-    before = jobs.dataset_samples(store, dataset)
+    before = datasets.dataset_samples(store, dataset)
     assert len(published_ids(store)) < 6
 
     c.worker("cpu2", ["sparkle.cpu"], "--pool", "threads", "--concurrency", "3")
@@ -208,7 +211,7 @@ def test_killing_the_orchestrator_mid_bulk_run_and_restarting_exports_every_samp
     assert again.returncode == 0, again.stderr
     status = json.loads(again.stdout)
     assert status["id"] == dataset and status["total"] == 6 and status["done"]
-    assert jobs.dataset_samples(store, dataset) == before  # deterministic ids: nothing re-allocated
+    assert datasets.dataset_samples(store, dataset) == before  # deterministic ids: nothing re-allocated
 
     out = tmp_path / "export"
     proc = subprocess.run([SPARKLE, "export", str(out), "--store", run["store_url"], "--json"], env=c.env,
@@ -226,7 +229,7 @@ def test_killing_the_orchestrator_mid_bulk_run_and_restarting_exports_every_samp
 def test_cancel_stops_at_the_next_stage_boundary_and_leaves_nothing(run):
     c = run["cluster"]
     c.worker("cpu", ["sparkle.cpu"], "--pool", "threads", "--concurrency", "2")
-    c.worker("services", SERVICE_QUEUES, "--backend", DOUBLES, "--option", "delay_s=0.5", "--concurrency", "1")
+    c.worker("services", QUEUES, "--backend", DOUBLES, "--option", "delay_s=0.5", "--concurrency", "1")
     client = TestClient(build_gateway(run["settings"], run["store"], run["app"]))
     with JUGGLE.open("rb") as f:
         sid = client.post("/v1/jobs", files={"video": ("a.mp4", f)}, data={"prompt": SNOW_PROMPT, **SMALL}).json()["id"]
@@ -249,20 +252,19 @@ def test_transient_service_outage_is_retried_and_a_bad_video_fails_with_its_stag
     undecodable source fails at ingest with the reason recorded, and the other samples are unaffected."""
     c = run["cluster"]
     c.worker("cpu", ["sparkle.cpu"], "--pool", "threads", "--concurrency", "2")
-    c.worker("services", [q for q in SERVICE_QUEUES if q != "sparkle.i2v"], "--backend", DOUBLES)
-    from tests.infra import _free_port
+    c.worker("services", [q for q in QUEUES if q != "sparkle.i2v"], "--backend", DOUBLES)
 
-    port = _free_port()
+    port = free_port()
     c.env["SPARKLE_OP_MAX_RETRIES"] = "50"
     c.worker("i2v", ["sparkle.i2v"], "--service-url", f"http://127.0.0.1:{port}")
     store = run["store"]
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all")
     store.put_file("uploads/bad.mp4", bad)
-    good = jobs.submit_files(run["app"], store, JUGGLE, SNOW_PROMPT, config=SMALL_CONFIG)["id"]
+    good = journey.submit_files(run["app"], store, JUGGLE, SNOW_PROMPT, config=SMALL_CONFIG)["id"]
     task = jobs.new_task(layout.sample_id("location", 900), "location", SNOW_PROMPT, None, "uploads/bad.mp4", None,
                          False, True)
-    broken = jobs.start_journey(run["app"], store, task, SMALL_CONFIG)["id"]
+    broken = journey.start_journey(run["app"], store, task, SMALL_CONFIG)["id"]
     assert wait_terminal(store, [broken])[broken]["state"] == "failed"
     deadline = time.monotonic() + 60
     while "Retry in" not in c.log("i2v"):  # the i2v call is being retried against the missing server
@@ -286,7 +288,8 @@ def test_http_executor_maps_status_codes(tmp_path):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    from sparkle.orchestrator.tasks import HttpExecutor, TransientError, is_transient
+    from sparkle.orchestrator.calls import HttpExecutor
+    from sparkle.orchestrator.celery_app import TransientError, is_transient
     from tests.loopback import LoopbackServer
 
     class Double(LoopbackServer):
@@ -319,15 +322,15 @@ def test_http_executor_maps_status_codes(tmp_path):
     assert not is_transient(ValueError("a bug"))
 
 
-def test_backoff_is_jittered_bounded_and_respects_retry_after(monkeypatch):
-    from sparkle.orchestrator import tasks
+def test_backoff_is_jittered_bounded_and_respects_retry_after():
+    from sparkle.orchestrator.celery_app import backoff_s
 
-    monkeypatch.setitem(tasks._process, "settings", DistributedSettings(op_backoff_s=1.0, op_backoff_max_s=10.0))
-    delays = [tasks.backoff_s(r) for r in range(8) for _ in range(50)]
+    s = DistributedSettings(op_backoff_s=1.0, op_backoff_max_s=10.0)
+    delays = [backoff_s(r, settings=s) for r in range(8) for _ in range(50)]
     assert 0 <= min(delays) and max(delays) <= 10.0
     assert len({round(d, 6) for d in delays}) > 300  # jittered, not a fixed schedule
-    assert np.mean([tasks.backoff_s(0) for _ in range(400)]) < 0.7  # first retries are short: U(0, 1)
-    assert tasks.backoff_s(0, retry_after=30) == 30
+    assert np.mean([backoff_s(0, settings=s) for _ in range(400)]) < 0.7  # first retries are short: U(0, 1)
+    assert backoff_s(0, retry_after=30, settings=s) == 30
 
 
 def test_enqueue_refuses_a_bad_manifest_with_a_clear_error_and_writes_nothing(tmp_path, redis_url):

@@ -35,11 +35,11 @@ from pydantic import SecretStr
 from sparkle import layout
 from sparkle.errors import InputError
 from sparkle.media import MAX_SIDE_PX, MIN_SIDE_PX, check_resolution, read_video
-from sparkle.orchestrator import jobs
+from sparkle.orchestrator import datasets, jobs, journey
 from sparkle.orchestrator.celery_app import make_app
 from sparkle.orchestrator.gateway import MULTIPART_OVERHEAD, build_gateway
 from sparkle.orchestrator.local import MAX_PROMPT_CHARS
-from sparkle.orchestrator.routing import CPU_QUEUE
+from sparkle.queues import CPU_QUEUE
 from sparkle.store import LocalStore
 from sparkle.store_s3 import S3Store, open_store
 from tests.conftest import HANDHELD, JUGGLE, PEDESTRIANS, SNOW_PROMPT
@@ -497,7 +497,7 @@ def test_dataset_is_registered_once_and_driven_by_ticks(ds_gateway):
     assert ds["total"] == 3 and ds["window"] == 2 and ds["by_edit_type"] == {"location": 2, "season": 1}
     assert ds["status"]["total"] == 3 and ds["status"]["submitted"] == 0 and ds["status"]["done"] is False
     assert gw.queued() == [("sparkle.dataset_tick", [did], {})]
-    assert jobs.dataset_samples(store, did) == ["Sparkle_location_000000", "Sparkle_season_000000",
+    assert datasets.dataset_samples(store, did) == ["Sparkle_location_000000", "Sparkle_season_000000",
                                                 "Sparkle_location_000001"]
     ids_before = {k: store.get_json(k) for k in store.list_keys("jobs/ids/")}
     assert ids_before == {"jobs/ids/location.json": {"next": 2}, "jobs/ids/season.json": {"next": 1}}

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from sparkle.backends import SERVICES
-from sparkle.orchestrator.routing import CPU_QUEUE, SERVICE_QUEUES
+from sparkle.queues import CPU_QUEUE, SERVICE_QUEUES
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -234,7 +234,7 @@ def test_secrets_are_not_in_configmaps_or_images(rendered):
 def test_celery_settings_keep_the_redis_list_an_honest_backlog():
     """The traps KEDA's list length depends on: prefetch 1, acks late, no priority lists."""
     from sparkle.orchestrator.celery_app import make_app
-    from sparkle.orchestrator.settings import DistributedSettings
+    from sparkle.settings import DistributedSettings
 
     conf = make_app(DistributedSettings()).conf
     assert conf.worker_prefetch_multiplier == 1

@@ -23,10 +23,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 from minio import Minio
 
-from sparkle.orchestrator.settings import DistributedSettings
+from sparkle.settings import DistributedSettings
 from sparkle.store import LocalStore
 from sparkle.store_s3 import S3Store, download_url, open_store
-from tests.infra import BUCKET, _free_port  # noqa: F401
+from tests.infra import BUCKET, free_port  # noqa: F401
 
 @pytest.fixture
 def s3_store(settings, bucket) -> S3Store:
@@ -147,7 +147,7 @@ def test_prefix_isolates_stores(settings, bucket):
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    from sparkle.orchestrator.settings import DistributedSettings
+    from sparkle.settings import DistributedSettings
     from sparkle.store_s3 import open_store
     endpoint, redis_url, url, tag, n, start = sys.argv[1:7]
     store = open_store(url, DistributedSettings(s3_endpoint=endpoint, s3_access_key="testing",

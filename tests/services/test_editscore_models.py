@@ -19,7 +19,7 @@ from sparkle.backends import FrameScore, ImageScore, SampleContext
 from sparkle.config import ConformConfig
 from sparkle.errors import ConfigError
 from sparkle.media import conform, read_video
-from sparkle.schemas import ScoreFramesResponse, ScoreImageResponse
+from sparkle.services.editscore.app import ScoreFramesResponse, ScoreImageResponse
 from sparkle.serving import ServeSettings, build_app
 from sparkle.services.editscore import real, tiny
 from sparkle.services.editscore.app import API
@@ -130,6 +130,33 @@ def test_score_frames_batches_all_frames_and_keeps_raw_outputs(clip):
         assert s.O_score == pytest.approx(math.sqrt(s.SC_score * s.PQ_score))
         assert s.SC_raw_output == sc[k] and s.PQ_raw_output == pq[k]
         assert s.SC_score_reasoning == f"frame {k}" and s.PQ_score_reasoning == f"ok {k}"
+
+
+def test_concurrent_requests_are_judged_in_one_batched_generate(clip, tmp_path):
+    """Two score_image requests reach the service at once: the shell gathers them into one call of the batched
+    operation, and the real scorer generates all four prompts (2 x SC, 2 x PQ) together, each SC prompt with
+    its own request's instruction."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = LocalStore(tmp_path)
+    io = ArtifactIO(store)
+    io.put_video("s/source.mp4", clip.frames, clip.fps)
+    io.put_image("s/a.png", clip.frames[0])
+    io.put_image("s/b.png", clip.frames[0][:, ::-1].copy())
+    ref = {"sample_id": "Sparkle_location_000000", "prompt": INSTRUCTION, "source_video": "s/source.mp4"}
+    vlm = ScriptedVLM([sc_answer(20, 15), sc_answer(10, 5), '{"reasoning": "a", "score": [22, 18]}',
+                       '{"reasoning": "b", "score": [12, 8]}'])
+    settings = ServeSettings(load_in_background=False, max_batch_size=4, batch_timeout_s=0.5)
+    with TestClient(build_app(API(real.EditScoreScorer(vlm), store), settings)) as client, \
+            ThreadPoolExecutor(2) as pool:
+        bodies = [{"sample": ref, "source": "s/a.png", "edited": "s/b.png", "instruction": text,
+                   "task": "edit_background"} for text in ("first instruction", "second instruction")]
+        futures = [pool.submit(client.post, "/v1/score_image", json=b) for b in bodies]
+        answers = [f.result().json() for f in futures]
+    assert len(vlm.calls) == 1 and len(vlm.calls[0]) == 4  # one batched generate for both requests
+    sc_prompts = [prompt for _, prompt in vlm.calls[0][:2]]
+    assert sorted(p.rstrip().rsplit(": ", 1)[1] for p in sc_prompts) == ["first instruction", "second instruction"]
+    assert sorted(a["score"]["prompt_following"] for a in answers) == pytest.approx([4.0, 8.0])
 
 
 @pytest.mark.parametrize("bad, why", [

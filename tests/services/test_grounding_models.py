@@ -3,6 +3,7 @@ the vLLM adapter against a loopback OpenAI-compatible test double, and errors.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -10,6 +11,8 @@ import os
 import shutil
 import socket
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,7 @@ from sparkle.backends import GroundedObject, SampleContext  # noqa: E402
 from sparkle.config import ConformConfig  # noqa: E402
 from sparkle.errors import ConfigError  # noqa: E402
 from sparkle.media import conform, read_video, sample_indices  # noqa: E402
-from sparkle.schemas import DescribeResponse, FrameObjectsResponse, ObjectsResponse  # noqa: E402
+from sparkle.services.grounding.app import DescribeResponse, FrameObjectsResponse, ObjectsResponse  # noqa: E402
 from sparkle.serving import ServeSettings, build_app  # noqa: E402
 from sparkle.services.grounding import real, tiny  # noqa: E402
 from sparkle.services.grounding.app import API  # noqa: E402
@@ -358,10 +361,11 @@ class FakeVLLMServer(LoopbackServer):
     """TEST DOUBLE of ``vllm serve``: an OpenAI-compatible ``/v1/models`` + ``/v1/chat/completions`` on 127.0.0.1
     (uvicorn in a thread) that answers with scripted completions and records every request body."""
 
-    def __init__(self, model: str = real.MODEL_ID):
-        self.model = model
+    def __init__(self, model: str = real.MODEL_ID, delay_s: float = 0.0):
+        self.model, self.delay_s = model, delay_s
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
         app = FastAPI()
 
         @app.get("/v1/models")
@@ -374,6 +378,11 @@ class FakeVLLMServer(LoopbackServer):
             body = await request.json()
             with self.lock:
                 self.requests.append(body)
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            await asyncio.sleep(self.delay_s)  # a model's time per answer, many answers at once (vLLM batches)
+            with self.lock:
+                self.in_flight -= 1
             return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": scripted_answer(body)}}],
@@ -446,6 +455,25 @@ def test_real_http_adapter_through_the_service(fake_vllm, sample):
     assert '["juggler", "ball"]' in text_of(round2[0])
     for idx in indices:
         assert any(np.array_equal(im, video.frames[idx]) for im in sent), idx
+
+
+def test_concurrent_requests_reach_vllm_at_once(sample):
+    """8 concurrent requests to the grounding service, against a server that takes 1 s per answer but answers
+    many at once (as vLLM's continuous batching does): all done in under 2 s, not 8 s one after another."""
+    store, ref, _, _ = sample
+    with FakeVLLMServer(delay_s=1.0) as server:
+        backend = real.make_backend(url=server.url, startup_timeout_s=5)
+        assert backend.max_concurrency == 8
+        with TestClient(build_app(API(backend, store), SETTINGS)) as client, ThreadPoolExecutor(8) as pool:
+            client.post("/v1/describe", json={"sample": ref, "image": "s/frame0.png"})  # decode and connect once
+            server.most_in_flight = 0
+            started = time.perf_counter()
+            answers = list(pool.map(lambda _: client.post("/v1/describe", json={"sample": ref, "image": "s/frame0.png"}),
+                                    range(8)))
+            elapsed = time.perf_counter() - started
+    assert [a.status_code for a in answers] == [200] * 8
+    assert server.most_in_flight == 8
+    assert elapsed < 2.0, f"8 requests took {elapsed:.2f} s: they were served one after another"
 
 
 def test_real_http_camera_check_and_instruction(fake_vllm, sample):

@@ -16,8 +16,8 @@ from sparkle.backends import load_backend
 from sparkle.config import ConformConfig
 from sparkle.masks import unpack_mask
 from sparkle.media import conform, read_image, read_video
-from sparkle.schemas import OpResponse, Strict
-from sparkle.serving import ModelAPI, ServeSettings, build_app
+from sparkle.service import OpResponse, ServiceAPI, Strict, operation
+from sparkle.serving import ServeSettings, build_app
 from sparkle.store import LocalStore
 
 from ..conftest import PEDESTRIANS
@@ -60,7 +60,7 @@ def test_six_services_answer_every_operation_on_cpu(sample):
         labels = [o["label"] for o in r1["objects"]]
         r2 = c.post("/v1/ground_round2", json={"sample": ref, "frame_indices": [0, 5, 10, 15], "labels": labels}).json()
         assert len(r2["frame_objects"]) == 4 and all([o["label"] for o in f] == labels for f in r2["frame_objects"])
-        assert set(r2["timings"]) >= {"decode", "queue_and_predict", "encode", "total"}
+        assert set(r2["timings"]) >= {"queue", "run", "total"}
         r = c.post("/v1/check_camera_motion", json={"sample": ref, "frame_indices": [0, 5, 10, 15]}).json()
         assert r["camera_motion"] is False and "no residual camera motion" in r["reason"]
         r = c.post("/v1/write_instruction", json={"sample": ref, "image": "s/frame0.png", "edit_type": "location",
@@ -133,13 +133,20 @@ class EchoResponse(OpResponse):
     batch: int
 
 
-class SlowEchoAPI(ModelAPI):
+class EchoBackend:
+    name = "echo-double"
+
+    def setup(self):
+        pass
+
+
+class SlowEchoAPI(ServiceAPI):
     """Test double: echoes values, records batch sizes, with a controllable setup and predict delay."""
 
     service = "echo"
-    operations = {"echo": (EchoRequest, EchoResponse)}
 
     def __init__(self, setup_gate: threading.Event | None = None, predict_s: float = 0.0, fail_setup: bool = False):
+        self.backend = EchoBackend()
         self.setup_gate, self.predict_s, self.fail_setup = setup_gate, predict_s, fail_setup
         self.batches: list[int] = []
 
@@ -149,16 +156,12 @@ class SlowEchoAPI(ModelAPI):
         if self.fail_setup:
             raise FileNotFoundError("/models/missing")
 
-    def decode_request(self, op, req):
-        return req.value
-
-    def predict(self, op, inputs):
-        self.batches.append(len(inputs))
+    @operation(batch=True)
+    def echo(self, reqs: list[EchoRequest]) -> list[EchoResponse]:
+        """Echo each value with the size of the batch it was served in."""
+        self.batches.append(len(reqs))
         time.sleep(self.predict_s)
-        return [(v, len(inputs)) for v in inputs]
-
-    def encode_response(self, op, output, req):
-        return EchoResponse(value=output[0], batch=output[1])
+        return [EchoResponse(value=r.value, batch=len(reqs)) for r in reqs]
 
 
 def test_readiness_follows_setup_and_a_failed_load_is_reported():
@@ -235,6 +238,51 @@ def test_serve_fails_at_start_with_a_clear_message(args, message, tmp_path):
 
 
 def test_option_values_are_typed():
-    from sparkle.cli import _option_value
+    from sparkle.orchestrator.cli import _option_value
 
     assert [_option_value(v) for v in ("true", "False", "3", "0.5", "/models/x")] == [True, False, 3, 0.5, "/models/x"]
+
+
+def test_every_service_declares_its_operations_once(sample):
+    """Each service folder's app.py declares its operations (request and response models next to them); the
+    shell builds exactly those routes, and the client reaches only declared operations."""
+    import inspect
+
+    from sparkle.orchestrator.clients import APIS
+    from sparkle.service import OpRequest, OpResponse, ServiceClient
+
+    store = sample[0]
+    expected = {"grounding": {"describe", "ground_round1", "ground_round2", "check_camera_motion",
+                              "write_instruction"},
+                "image_edit": {"edit_background", "remove_foreground"}, "i2v": {"animate"}, "tracking": {"bait"},
+                "control": {"synthesize"}, "editscore": {"score_image", "score_frames"}}
+    for service, api in APIS.items():
+        ops = api.operations()
+        assert set(ops) == expected[service], service
+        for spec in ops.values():
+            assert issubclass(spec.request, OpRequest) and issubclass(spec.response, OpResponse)
+            assert ("output" in spec.request.model_fields) == bool(spec.request.output_suffix), spec.name
+            assert spec.doc, f"{service}.{spec.name} has no docstring for its OpenAPI description"
+        assert {spec.name for spec in ops.values() if spec.batch} == (
+            {"score_image", "score_frames"} if service == "editscore" else set())
+        with client_for(service, store) as c:
+            paths = {p for p in c.get("/openapi.json").json()["paths"] if p.startswith("/v1/")}
+        assert paths == {f"/v1/{op}" for op in expected[service]}
+        module = inspect.getmodule(api)
+        assert issubclass(module.Client, ServiceClient) and module.Client.api is api
+        called = set()
+        for name, fn in inspect.getmembers(module.Client, inspect.isfunction):
+            called |= {op for op in expected[service] if f'"{op}"' in inspect.getsource(fn)}
+        assert called == expected[service], f"{service}: operations without a client call"
+
+
+def test_an_operation_may_not_shadow_the_base_class():
+    class Broken(ServiceAPI):
+        service = "broken"
+
+        @operation
+        def health(self, req: EchoRequest) -> EchoResponse:
+            """Shadows ServiceAPI.health."""
+
+    with pytest.raises(TypeError, match="shadow"):
+        Broken.operations()
