@@ -1,9 +1,9 @@
-"""Regenerate the queue-dependent manifests of k8s/ from orchestrator/routing.py.
+"""Regenerate the queue-dependent manifests of k8s/ from shared/sparkle/queues.py.
 
     .venv/bin/python k8s/generate.py            # write k8s/base/generated, k8s/overlays/*/generated
     .venv/bin/python k8s/generate.py --check    # exit 1 if a committed file differs (CI: tests/test_k8s.py)
 
-Same as ``sparkle k8s render`` (sparkle.k8s_render.k8s_render_command).
+Same as ``sparkle k8s-render`` (sparkle.k8s_render.k8s_render_command).
 """
 
 from pathlib import Path
