@@ -1,7 +1,7 @@
 """What the distributed run costs, measured in one run (ratios, since these machines are noisy).
 
 1. Orchestration overhead per sample: the same clip through the same zero-latency test-double services
-   (``sparkle.doubles``), once in-process (the embedded default's ``run_sample``) and once over the queues
+   (``--backend double``), once in-process (the embedded default's ``run_sample``) and once over the queues
    (gateway-side submission, stage messages on ``sparkle.cpu``, service calls on six queues, artifacts in the
    store, one sample at a time). Overhead = distributed wall - in-process wall, per sample.
 2. Busy fraction of the slowest service in a bulk run: every service call sleeps its capacity-plan

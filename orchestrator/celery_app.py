@@ -133,6 +133,17 @@ class TransientError(Exception):
         self.retry_after, self.max_retries = retry_after, max_retries
 
 
+def transient_types() -> tuple[type[BaseException], ...]:
+    """The exception classes that are always transient (network, broker, store connection): what a task can
+    declare in ``autoretry_for``. (:func:`is_transient` also knows S3 error codes, which are not classes.)"""
+    import redis.exceptions
+    import urllib3.exceptions
+    from kombu.exceptions import OperationalError
+
+    return (TransientError, ConnectionError, TimeoutError, redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError, OperationalError, urllib3.exceptions.HTTPError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Store, broker and network errors (retried); not bad input, not a service's refusal."""
     if isinstance(exc, (InputError, ServiceRejected, ServiceUnavailable, ConfigError)):

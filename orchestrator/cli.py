@@ -277,7 +277,7 @@ def worker_command(
     service_url: Optional[str] = typer.Option(None, "--service-url",
                                               help="the model server this worker calls (one service queue)"),
     backend: Optional[str] = typer.Option(None, "--backend",
-                                          help="run the services in-process instead: cpu, tiny, real or module:factory"),
+                                          help="run the services in-process instead: cpu, tiny, real, double (test doubles) or module:factory"),
     option: list[str] = typer.Option([], "--option", help="in-process backend option KEY=VALUE (repeatable)"),
     hostname: Optional[str] = typer.Option(None, "--hostname", "-n", help="Celery node name (default: celery@host)"),
     loglevel: str = typer.Option("info", "--loglevel", "-l"),

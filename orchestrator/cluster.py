@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SPARKLE = str(Path(sys.executable).with_name("sparkle"))
-DOUBLES = "sparkle.doubles:make_backend"
-"""The test-double backends (:mod:`sparkle.doubles`), as ``--backend`` takes them."""
+DOUBLES = "double"
+"""The test-double backends (``services/<name>/double.py``), as ``--backend`` takes them."""
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 

@@ -27,7 +27,7 @@ from sparkle.queues import CPU_QUEUE
 from sparkle.store import ArtifactStore
 
 from . import jobs, journey
-from .celery_app import SparkleTask, app, is_transient
+from .celery_app import SparkleTask, app, transient_types
 from .local import MAX_PROMPT_CHARS
 from .pipeline import summary
 
@@ -307,16 +307,13 @@ def dataset_samples(store: ArtifactStore, did: str) -> list[str]:
     return ids
 
 
-@app.task(name="sparkle.dataset_tick", bind=True, base=SparkleTask, max_retries=None, ignore_result=True)
+@app.task(name="sparkle.dataset_tick", bind=True, base=SparkleTask, ignore_result=True,
+          autoretry_for=transient_types(), max_retries=None, retry_backoff=2, retry_backoff_max=120, retry_jitter=True)
 def dataset_tick_task(self: SparkleTask, dataset_id: str, resume: bool = False, every_s: float = 2.0) -> dict:
     """Drive a bulk run: one :func:`dataset_tick`, then again in ``every_s`` seconds until the dataset is done.
-    Several concurrent drivers are harmless (the tick takes the dataset's lock)."""
-    try:
-        state = dataset_tick(self.app, self.store, dataset_id, resume=resume)
-    except Exception as exc:  # noqa: BLE001
-        if is_transient(exc):
-            raise self.retry(countdown=self.backoff_s())
-        raise
+    Several concurrent drivers are harmless (the tick takes the dataset's lock). Broker and store outages are
+    retried without end, with exponential back-off (2 s doubling to 120 s) and full jitter."""
+    state = dataset_tick(self.app, self.store, dataset_id, resume=resume)
     if not state["done"]:
         self.apply_async(args=[dataset_id], kwargs={"every_s": every_s}, countdown=every_s, queue=CPU_QUEUE,
                          ignore_result=True)

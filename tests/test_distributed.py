@@ -2,7 +2,8 @@
 in an S3-compatible server (moto) on loopback, the gateway over HTTP, and the crashes it must survive.
 
 Backends: ``cpu`` (the real classical algorithms, on the real clips) for the full pipeline, and the
-explicitly named test doubles (``sparkle.doubles``) where a test needs a service to be slow on purpose.
+explicitly named test doubles (``--backend double``: ``services/<name>/double.py``) where a test needs a
+service to be slow on purpose.
 """
 
 from __future__ import annotations

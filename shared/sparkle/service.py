@@ -109,7 +109,7 @@ def operation(fn: Callable | None = None, *, batch: bool = False):
 
 def _describe(name: str, fn: Callable, batch: bool) -> Operation:
     hints = typing.get_type_hints(fn)
-    params = [p for p in fn.__code__.co_varnames[1:fn.__code__.co_argcount]]
+    params = list(fn.__code__.co_varnames[1:fn.__code__.co_argcount])
     if len(params) != 1 or params[0] not in hints or "return" not in hints:
         raise TypeError(f"operation {name}: expected def {name}(self, req: Request) -> Response with type hints")
     request, response = hints[params[0]], hints["return"]
@@ -186,9 +186,10 @@ class ServiceAPI:
         return [method(r) for r in requests]
 
     def call(self, op: str, request: BaseModel | dict) -> BaseModel:
-        """One request, in this process (queue workers with ``--backend``, the embedded default).
+        """One request, in this process (queue workers with ``--backend``, the embedded default): validated,
+        run through :meth:`run` (the path the HTTP shell takes too), with its run time in ``timings``.
 
-        Raises InputError for an unknown operation or an invalid request (the HTTP shell answers 404/422).
+        Raises InputError for an unknown operation, an invalid request or bad artifacts.
         """
         spec = self.operations().get(op)
         if spec is None:
