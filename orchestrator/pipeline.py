@@ -95,7 +95,7 @@ class StageEnv:
     store: ArtifactStore
     services: Services
     config: PipelineConfig
-    io: ArtifactIO = field(default=None)
+    io: ArtifactIO | None = field(default=None)
 
     def __post_init__(self):
         if self.io is None:
