@@ -49,6 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sparkle.errors import InputError, SparkleError
+from sparkle.store import jsonl_lines
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Sparkle-Bench: run a model over the benchmark (infer) and score it with the judge (eval).")
@@ -129,7 +130,7 @@ def load_bench(bench_dir: str | os.PathLike, themes: list[str] | None = None) ->
         keywords: dict[str, str] = {}
         meta_path = root / f"{theme}_metadata.jsonl"
         if meta_path.is_file():
-            for n, line in enumerate(meta_path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(jsonl_lines(meta_path.read_text(encoding="utf-8")), 1):
                 if not line.strip():
                     continue
                 try:
@@ -620,7 +621,7 @@ def read_records(path: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if not path.is_file():
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

@@ -24,7 +24,7 @@ from sparkle.errors import InputError
 from sparkle.funnel import funnel_add, funnel_result
 from sparkle.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from sparkle.queues import CPU_QUEUE
-from sparkle.store import ArtifactStore
+from sparkle.store import ArtifactStore, jsonl_lines
 
 from . import jobs, journey
 from .celery_app import SparkleTask, app, transient_types
@@ -78,7 +78,7 @@ def parse_manifest(text: str, fmt: str = "jsonl") -> list[ManifestEntry]:
         for n, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
             rows.append((n, {k: v for k, v in row.items() if v not in (None, "")}))
     else:
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(jsonl_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -210,7 +210,7 @@ def _entry(store: ArtifactStore, did: str, i: int, cache: dict) -> dict:
     chunk = i // CHUNK
     if chunk not in cache:
         cache.clear()
-        cache[chunk] = store.get_bytes(f"{_dataset_prefix(did)}samples/{chunk:06d}.jsonl").decode().splitlines()
+        cache[chunk] = jsonl_lines(store.get_bytes(f"{_dataset_prefix(did)}samples/{chunk:06d}.jsonl").decode())
     return json.loads(cache[chunk][i % CHUNK])
 
 
@@ -302,7 +302,7 @@ def dataset_samples(store: ArtifactStore, did: str) -> list[str]:
     ds = read_dataset(store, did)
     ids = []
     for c in range(0, ds["total"], CHUNK):
-        lines = store.get_bytes(f"{_dataset_prefix(did)}samples/{c // CHUNK:06d}.jsonl").decode().splitlines()
+        lines = jsonl_lines(store.get_bytes(f"{_dataset_prefix(did)}samples/{c // CHUNK:06d}.jsonl").decode())
         ids += [json.loads(line)["id"] for line in lines if line.strip()]
     return ids
 

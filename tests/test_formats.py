@@ -69,3 +69,39 @@ def test_conform_sizes_and_lengths():
     assert [trimmed_length(t, 81) for t in (1, 4, 5, 60, 81, 200)] == [1, 1, 5, 57, 81, 81]
     assert sample_indices(81, 16, 2) == list(range(0, 81, 8))
     assert sample_indices(57, 10, 2) == list(range(0, 57, 5))
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085", "\x0b", "\x1c"])
+def test_jsonl_and_csv_survive_line_breaks_that_json_keeps_raw(char, tmp_path):
+    """A prompt holding U+2028 (or another break str.splitlines knows) round-trips through the JSONL and CSV
+    of the layout; the line after it is still its own record, and pandas reads the CSV as Kiwi-Edit does."""
+    import pandas as pd
+
+    from sparkle.store import LocalStore
+
+    store = LocalStore(tmp_path)
+    prompt = f"Replace the background with a beach{char}at dusk, \"golden\"\nhour"
+    key, csv_key = layout.prompts_metadata("location"), layout.prompts_csv("location")
+    rows = [{"id": "Sparkle_location_000000", "prompt": prompt}, {"id": "Sparkle_location_000001", "prompt": "x"}]
+    store.upsert_jsonl(key, rows)
+    raw = store.get_bytes(key).decode()
+    assert (char in raw) == (ord(char) >= 0x20)  # JSON escapes C0 controls; the others are written raw
+    assert store.read_jsonl(key) == rows
+    store.upsert_jsonl(key, [{"id": "Sparkle_location_000001", "prompt": "y"}])  # a later read-modify-write
+    assert [r["prompt"] for r in store.read_jsonl(key)] == [prompt, "y"]
+    csv_rows = [{"prompt": prompt, "src_video": "a.mp4", "tgt_video": "b.mp4", "task": "Sparkle_location_000000"},
+                {"prompt": "x", "src_video": "c.mp4", "tgt_video": "d.mp4", "task": "Sparkle_location_000001"}]
+    store.upsert_csv(csv_key, layout.CSV_COLUMNS, csv_rows, "task")
+    assert store.read_csv(csv_key) == csv_rows
+    frame = pd.read_csv(store.path(csv_key))
+    assert list(frame["prompt"]) == [prompt, "x"] and list(frame["task"]) == [r["task"] for r in csv_rows]
+
+
+def test_a_manifest_line_may_hold_u2028():
+    import json
+
+    from sparkle.orchestrator.datasets import parse_manifest
+
+    prompt = "Replace the background with a beach\u2028at dusk"
+    text = "\n".join(json.dumps({"video": f"{i}.mp4", "prompt": prompt}, ensure_ascii=False) for i in range(2))
+    assert [e.prompt for e in parse_manifest(text + "\n")] == [prompt, prompt]

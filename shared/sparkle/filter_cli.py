@@ -8,6 +8,7 @@ Registered by the main CLI as ``app.command("filter")(filter_command)``. Inputs 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from concurrent.futures import ProcessPoolExecutor
@@ -37,7 +38,7 @@ def _manifest_paths(manifest: Path) -> list[Path]:
     if suffix == ".txt":
         entries = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     elif suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = list(csv.DictReader(io.StringIO(text)))
         col = next((c for c in MANIFEST_COLUMNS if rows and c in rows[0]), None)
         if rows and col is None:
             raise ValueError(f"no column named one of {MANIFEST_COLUMNS} in {manifest}")

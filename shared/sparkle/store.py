@@ -41,6 +41,13 @@ def staging_prefix(sid: str) -> str:
     return f"staging/{sid}/"
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text, split at ``\\n`` only (the JSON Lines rule). ``str.splitlines`` also
+    splits at U+2028, U+2029, U+0085 and other breaks that JSON strings may hold raw, which would cut a record
+    whose prompt contains one. A ``\\r`` before the ``\\n`` is dropped."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 class ArtifactStore(ABC):
     """Key/value store of artifacts. Keys are relative POSIX paths without ``..``."""
 
@@ -99,7 +106,7 @@ class ArtifactStore(ABC):
     def read_jsonl(self, key: str) -> list[dict]:
         if not self.exists(key):
             return []
-        return [json.loads(line) for line in self.get_bytes(key).decode().splitlines() if line.strip()]
+        return [json.loads(line) for line in jsonl_lines(self.get_bytes(key).decode()) if line.strip()]
 
     def upsert_jsonl(self, key: str, records: list[dict], id_field: str = "id") -> None:
         """Add ``records`` to a JSONL file, replacing lines whose ``id_field`` matches (idempotent re-runs)."""
