@@ -95,7 +95,7 @@ class InProcessExecutor:
         with self._guard:
             if service not in self._apis:
                 api = importlib.import_module(f"sparkle.services.{service}.app").API(
-                    load_backend(service, self.backend, **self.options.get(service, {})), resources().store)
+                    load_backend(service, self.backend, **self.options.get(service, {})), resources().io)
                 api.setup()
                 self._apis[service] = api
             return self._apis[service]
@@ -179,6 +179,10 @@ class QueueTransport:
 
     def __init__(self, celery_app, store, wait_s: float):
         self.app, self.store, self.wait_s = celery_app, store, wait_s
+
+    def backend_name(self, service: str) -> str:
+        """What the reports name as the service's backend: its queue (the model is the service's business)."""
+        return f"queue:{service}"
 
     def call(self, service: str, op: str, request: OpRequest, response: type[BaseModel], call_id: str) -> BaseModel:
         """Raises ServiceRejected, ServiceUnavailable (see the module docstring)."""

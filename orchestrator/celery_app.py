@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import threading
-from functools import cached_property
 
 from celery import Celery, Task
 
@@ -61,55 +60,69 @@ app = make_app()
 
 
 class Resources:
-    """What one process of the distributed run opens once: settings, the artifact store, a Redis client.
+    """What one process of the distributed run opens once: settings, the artifact store, a Redis client and the
+    :class:`~sparkle.artifacts.ArtifactIO` every stage of the process decodes through (thread-safe, so a
+    sample's stages share decoded artifacts whichever thread runs them).
 
-    Created on first use (so importing a task module connects to nothing); shared by every task and thread.
+    Each is created on first use (importing a task module connects to nothing), once, under a lock.
     """
 
-    @cached_property
-    def settings(self) -> DistributedSettings:
-        return DistributedSettings()
+    def __init__(self):
+        self._made: dict = {}
+        self._guard = threading.RLock()
 
-    @cached_property
+    def _once(self, name: str, make):
+        with self._guard:
+            if name not in self._made:
+                self._made[name] = make()
+            return self._made[name]
+
+    @property
+    def settings(self) -> DistributedSettings:
+        return self._once("settings", DistributedSettings)
+
+    @property
     def store(self):
         """This process's artifact store (``SPARKLE_STORE_URL``)."""
         from sparkle.store_s3 import open_store
 
-        return open_store(self.settings.store_url, self.settings)
+        return self._once("store", lambda: open_store(self.settings.store_url, self.settings))
 
-    @cached_property
+    @property
     def redis(self):
         import redis
 
-        return redis.Redis.from_url(self.settings.broker_url)
+        return self._once("redis", lambda: redis.Redis.from_url(self.settings.broker_url))
+
+    @property
+    def io(self):
+        from sparkle.artifacts import ArtifactIO
+
+        return self._once("io", lambda: ArtifactIO(self.store))
 
 
 _resources = Resources()
-_resources_guard = threading.Lock()
 
 
 def resources() -> Resources:
-    """This process's :class:`Resources` (its attributes are created once, under a lock)."""
+    """This process's :class:`Resources`."""
     return _resources
 
 
 class SparkleTask(Task):
-    """Base of the distributed run's tasks: the process's resources, and the retry policy of transient errors."""
+    """Base of the distributed run's tasks: the process's :class:`Resources`, and the retry back-off."""
+
+    @property
+    def resources(self) -> Resources:
+        return _resources
 
     @property
     def settings(self) -> DistributedSettings:
-        with _resources_guard:
-            return _resources.settings
+        return _resources.settings
 
     @property
     def store(self):
-        with _resources_guard:
-            return _resources.store
-
-    @property
-    def redis(self):
-        with _resources_guard:
-            return _resources.redis
+        return _resources.store
 
     def backoff_s(self, retry_after: float | None = None) -> float:
         """Delay before this task's next retry: :func:`backoff_s` with the task's retry count."""
@@ -120,7 +133,7 @@ def backoff_s(retries: int, retry_after: float | None = None, settings: Distribu
     """Delay before retry number ``retries + 1``, seconds: full jitter over ``op_backoff_s * 2**retries``
     capped at ``op_backoff_max_s`` (AWS architecture blog, "Exponential Backoff and Jitter"), and never less
     than a service's ``Retry-After``."""
-    s = settings or resources().settings
+    s = settings or _resources.settings
     delay = random.uniform(0, min(s.op_backoff_max_s, s.op_backoff_s * 2 ** retries))
     return max(delay, retry_after or 0.0)
 

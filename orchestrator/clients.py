@@ -47,9 +47,8 @@ class Services:
                    transport=transport)
 
     def names(self) -> dict[str, str]:
-        """Service -> what serves it: the model backend's name in-process, ``queue:<service>`` otherwise."""
-        name = getattr(self.transport, "backend_name", None)
-        return {s: name(s) if name else f"queue:{s}" for s in SERVICES}
+        """Service -> what serves it: the model backend's name in-process, ``queue:<service>`` over the queues."""
+        return {s: self.transport.backend_name(s) for s in SERVICES}
 
 
 def in_process(backends: Backends, io: ArtifactIO) -> Services:

@@ -20,7 +20,6 @@ reason in the job and the report. A cancelled job stops at its next stage bounda
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path, PurePosixPath
 
@@ -112,16 +111,11 @@ def resume_journey(celery_app, store: ArtifactStore, sid: str) -> bool:
 
 # --- advancing -------------------------------------------------------------------------------------------
 
-_thread = threading.local()
-
-
-def stage_env(store: ArtifactStore, config: dict, wait_s: float, celery_app=None) -> StageEnv:
-    """A stage environment whose service clients send their calls over the queues, on this thread's
-    :class:`ArtifactIO` (so decoded artifacts stay cached between the stages a thread runs)."""
-    if getattr(_thread, "io", None) is None or _thread.io.store is not store:
-        _thread.io = ArtifactIO(store)
-    services = Services.over(QueueTransport(celery_app or app, store, wait_s), _thread.io)
-    return StageEnv(store, services, PipelineConfig.model_validate(config), _thread.io)
+def stage_env(io: ArtifactIO, config: dict, wait_s: float, celery_app=None) -> StageEnv:
+    """A stage environment on ``io`` (the process's, so decoded artifacts stay cached between the stages of a
+    sample) whose service clients send their calls over the queues. Raises ValueError for a bad ``config``."""
+    services = Services.over(QueueTransport(celery_app or app, io.store, wait_s), io)
+    return StageEnv(io.store, services, PipelineConfig.model_validate(config), io)
 
 
 def _end(cp: jobs.Checkpoint, env: StageEnv, stage: str) -> dict:
@@ -131,11 +125,13 @@ def _end(cp: jobs.Checkpoint, env: StageEnv, stage: str) -> dict:
     return {"id": cp.task.id, "state": doc["state"]}
 
 
-def advance(celery_app, store: ArtifactStore, sample_id: str, stage: str, wait_s: float) -> dict:
-    """Run stage ``stage`` of ``sample_id`` if the checkpoint names it next (the caller holds the lease).
+def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: float) -> dict:
+    """Run stage ``stage`` of ``sample_id`` if the checkpoint names it next (the caller holds the lease), with
+    ``io`` over the store of the journey.
 
     Raises transient errors (the caller retries the message); terminal ones end the journey as ``failed``.
     """
+    store = io.store
     cp = jobs.load_checkpoint(store, sample_id)
     if cp is None:
         return {"id": sample_id, "skipped": "the journey is over"}
@@ -143,7 +139,7 @@ def advance(celery_app, store: ArtifactStore, sample_id: str, stage: str, wait_s
         if cp.sent:
             return {"id": sample_id, "skipped": f"stage {stage} is done; {cp.next} was sent"}
         stage = cp.next  # the crash came between checkpoint and send: this message stands in for the next one
-    env = stage_env(store, cp.config, wait_s, celery_app)
+    env = stage_env(io, cp.config, wait_s, celery_app)
     if jobs.cancel_requested(store, sample_id):
         fail(cp.task, env, stage, "cancelled by the user", status="cancelled", funnel=False)
         return _end(cp, env, stage)
@@ -175,15 +171,15 @@ def advance(celery_app, store: ArtifactStore, sample_id: str, stage: str, wait_s
     return {"id": sample_id, "done": stage, "next": cp.next}
 
 
-def fail_journey(store: ArtifactStore, sample_id: str, stage: str, reason: str, wait_s: float) -> dict:
+def fail_journey(io: ArtifactIO, sample_id: str, stage: str, reason: str, wait_s: float) -> dict:
     """End the journey of ``sample_id`` as ``failed`` at ``stage`` (its retries are exhausted)."""
-    cp = jobs.load_checkpoint(store, sample_id)
+    cp = jobs.load_checkpoint(io.store, sample_id)
     if cp is None:
         return {"id": sample_id, "skipped": "the journey is over"}
     try:
-        env = stage_env(store, cp.config, wait_s)
+        env = stage_env(io, cp.config, wait_s)
     except ValueError:  # a checkpoint this version cannot read (its config): the failure is still recorded
-        env = stage_env(store, {}, wait_s)
+        env = stage_env(io, {}, wait_s)
     fail(cp.task, env, stage, reason, funnel=False)
     return _end(cp, env, stage)
 
@@ -197,21 +193,22 @@ def stage_task(self: SparkleTask, sample_id: str, stage: str) -> dict:
     from sparkle.store_s3 import RedisLock
 
     s = self.settings
-    lease = RedisLock(self.redis, f"sparkle:sample:{sample_id}", s.sample_lease_s, wait_s=s.sample_lease_s + 5)
+    lease = RedisLock(self.resources.redis, f"sparkle:sample:{sample_id}", s.sample_lease_s,
+                      wait_s=s.sample_lease_s + 5)
     try:
         if not lease.acquire():
             return {"id": sample_id, "skipped": "another worker holds the sample"}
         try:
-            result = advance(self.app, self.store, sample_id, stage, s.op_wait_s)
+            result = advance(self.app, self.resources.io, sample_id, stage, s.op_wait_s)
         except BaseException:
             lease.release(quiet=True)
             raise
         lease.release()  # RuntimeError if the lease was lost while the stage ran
         return result
-    except Exception as exc:  # noqa: BLE001 - only transient errors get here
+    except Exception as exc:  # noqa: BLE001 - transient errors, and a lease lost while the stage ran
         if self.request.retries < s.stage_max_retries and is_transient(exc):
             delay = self.backoff_s()
             log.warning("%s: %s: %s; retry %d in %.1f s", sample_id, stage, exc, self.request.retries + 1, delay)
             raise self.retry(countdown=delay)
-        return fail_journey(self.store, sample_id, stage,
+        return fail_journey(self.resources.io, sample_id, stage,
                             f"{exc.__class__.__name__}: {exc} (after {self.request.retries} retries)", s.op_wait_s)

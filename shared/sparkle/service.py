@@ -214,6 +214,9 @@ class Transport(Protocol):
         """The service's response to ``request``. ``call_id`` (``{service}.{op}.{digest}``) names the call
         uniquely within its sample, for caches and task ids."""
 
+    def backend_name(self, service: str) -> str:
+        """What serves ``service``, as the sample's report names it."""
+
 
 class InProcessTransport:
     """Calls the services' APIs in this process (``apis``: service name -> :class:`ServiceAPI`)."""

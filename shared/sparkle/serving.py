@@ -197,7 +197,8 @@ def build_app(api: ServiceAPI, settings: ServeSettings | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         concurrency = settings.max_concurrency or api.max_concurrency
-        slots = asyncio.Semaphore(concurrency)  # a thread pool of its own: the default one has only cores + 4
+        slots = asyncio.Semaphore(concurrency)  # what runs; the rest waits here (its "queue" time)
+        # A pool of its own: asyncio's default one has only cores + 4 threads (6 here, not the 8 vLLM may take).
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"{api.service}-run")
         for op, spec in api.operations().items():
             runners[op] = _Runner(api, spec, settings, slots, pool, metrics)
