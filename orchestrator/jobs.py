@@ -27,7 +27,7 @@ from sparkle import layout
 from sparkle.errors import SparkleError
 from sparkle.store import ArtifactStore, staging_prefix
 
-from .local import default_keyword, existing_indices
+from .local import default_keyword
 from .pipeline import SampleTask
 
 TERMINAL = frozenset({"accepted", "rejected", "failed", "cancelled"})
@@ -127,22 +127,6 @@ def artifact_keys(store: ArtifactStore, sid: str) -> dict[str, str]:
         raise KeyError(sid)
     report = store.get_json(report_key)
     return {**report.get("artifacts", {}), "report": report_key}
-
-
-# --- sample ids --------------------------------------------------------------------------------------------
-
-def allocate_ids(store: ArtifactStore, edit_type: str, n: int) -> int:
-    """Reserve ``n`` consecutive sample indices of ``edit_type``; returns the first.
-
-    The counter ``jobs/ids/{edit_type}.json`` only grows; it starts above every index already in the store
-    (published, reported or staged by the embedded default), so both kinds of runs share one id space.
-    """
-    key = f"jobs/ids/{edit_type}.json"
-    with store.lock(f"sample-ids-{edit_type}"):
-        taken = existing_indices(store, edit_type)
-        first = max(store.get_json(key)["next"] if store.exists(key) else 0, max(taken) + 1 if taken else 0)
-        store.put_json(key, {"next": first + n})
-    return first
 
 
 # --- submissions ---------------------------------------------------------------------------------------

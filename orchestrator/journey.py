@@ -34,7 +34,7 @@ from . import jobs
 from .calls import QueueTransport
 from .celery_app import SparkleTask, app, is_transient
 from .clients import Services
-from .local import validate_inputs
+from .local import allocate_ids, validate_inputs
 from .pipeline import STAGES, SampleTask, StageEnv, drop_staging, fail, finish, next_stage
 
 log = logging.getLogger("sparkle.journey")
@@ -82,7 +82,7 @@ def submit_files(celery_app, store: ArtifactStore, video: Path, prompt: str | No
     Raises InputError (see :func:`~sparkle.orchestrator.local.validate_inputs`) before anything is written.
     """
     prompt = validate_inputs(video, prompt, edit_type, background)
-    sid = sample_id or layout.sample_id(edit_type, jobs.allocate_ids(store, edit_type, 1))
+    sid = sample_id or layout.sample_id(edit_type, allocate_ids(store, edit_type, 1))
     suffix = PurePosixPath(video_name or video.name).suffix.lower()
     source_key = store.put_file(f"{staging_prefix(sid)}inputs/source{suffix if suffix in VIDEO_SUFFIXES else '.mp4'}",
                                 video)

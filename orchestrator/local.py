@@ -11,6 +11,7 @@ from sparkle.backends import Backends, load_backends
 from sparkle.config import PipelineConfig
 from sparkle.errors import InputError
 from sparkle.media import IMAGE_SUFFIXES, check_input_file, check_resolution, read_image, read_video
+from sparkle.published import materialise_layout, published_ids
 from sparkle.store import ArtifactStore, LocalStore, staging_prefix
 
 from .clients import in_process
@@ -22,8 +23,12 @@ MAX_PROMPT_CHARS = 4000
 
 
 def existing_indices(store: ArtifactStore, edit_type: str) -> set[int]:
-    """Sample indices of `edit_type` already used in `store`: published, reported or staged."""
-    ids = {r["id"] for r in store.read_jsonl(layout.prompts_metadata(edit_type))}
+    """Sample indices of `edit_type` already used in `store`: published (a record document, or a row of a
+    legacy CSV), reported or staged. Lists three prefixes: used once per store and theme, to start the counter
+    of :func:`allocate_ids`."""
+    ids = set(published_ids(store, edit_type))
+    if store.exists(layout.prompts_csv(edit_type)):  # a store published before record documents existed
+        ids |= {row.get("task") or "" for row in store.read_csv(layout.prompts_csv(edit_type))}
     ids |= {Path(k).stem for k in store.list_keys(f"reports/{edit_type}/")}
     ids |= {k.split("/")[1] for k in store.list_keys("staging/")}
     out = set()
@@ -35,6 +40,24 @@ def existing_indices(store: ArtifactStore, edit_type: str) -> set[int]:
         if et == edit_type:
             out.add(idx)
     return out
+
+
+def allocate_ids(store: ArtifactStore, edit_type: str, n: int) -> int:
+    """Reserve ``n`` consecutive sample indices of ``edit_type``; returns the first.
+
+    The counter ``jobs/ids/{edit_type}.json`` only grows. The first allocation of a store starts it above
+    every index already there (:func:`existing_indices`); later ones read and write only the counter, so an
+    allocation costs the same at any dataset size. The embedded default and the cluster share it.
+    """
+    key = f"jobs/ids/{edit_type}.json"
+    with store.lock(f"sample-ids-{edit_type}"):
+        if store.exists(key):
+            first = store.get_json(key)["next"]
+        else:
+            taken = existing_indices(store, edit_type)
+            first = max(taken) + 1 if taken else 0
+        store.put_json(key, {"next": first + n})
+    return first
 
 
 def validate_inputs(video: str | Path, prompt: str | None, edit_type: str, background: str | Path | None) -> str | None:
@@ -89,6 +112,9 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
     ``backends``: the six model backends, set up (default: ``load_backends(config.profile)``); the services'
     operations run on them in this process.
 
+    An accepted sample is published (its record document) and ``out_dir``'s shared layout files are then
+    materialised, so the folder is the released layout after every call.
+
     Raises InputError on bad input, before anything is written to ``out_dir``.
     """
     prompt = validate_inputs(video, prompt, edit_type, background)
@@ -96,10 +122,8 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
     backends = backends or load_backends(config.profile)
     store = LocalStore(out_dir)
     video = Path(video)
-    with store.lock(f"sample-ids-{edit_type}"):
-        taken = existing_indices(store, edit_type)
-        sid = layout.sample_id(edit_type, max(taken) + 1 if taken else 0)
-        source_key = store.put_file(staging_prefix(sid) + f"inputs/source{video.suffix.lower() or '.mp4'}", video)
+    sid = layout.sample_id(edit_type, allocate_ids(store, edit_type, 1))
+    source_key = store.put_file(staging_prefix(sid) + f"inputs/source{video.suffix.lower() or '.mp4'}", video)
     background_key = None
     if background is not None:
         bg = Path(background)
@@ -111,4 +135,8 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
     task = SampleTask(id=sid, edit_type=edit_type, prompt=prompt or "", chosen_keyword=chosen_keyword,
                       source_key=source_key, background_key=background_key, force=force, enforce_gates=enforce_gates)
     io = ArtifactIO(store, max_frames=config.conform.max_frames)
-    return run_sample(task, StageEnv(store, in_process(backends, io), config, io), on_stage), store
+    task = run_sample(task, StageEnv(store, in_process(backends, io), config, io), on_stage)
+    # OUT stays the released layout after every command: its CSV and JSONL files are materialised from the
+    # record documents (incrementally: only this sample's lines are read from its document).
+    materialise_layout(store, edit_types=[edit_type])
+    return task, store

@@ -7,8 +7,9 @@ where a stage computes on them); the services are called through their clients (
 whose outputs come back as handles on the keys the services wrote, then are staged under ``staging/{id}/`` by
 a server-side copy. The same functions run in-process (the embedded default, :func:`run_sample`) and on queue
 workers (``orchestrator/journey.py``): only the clients' transport differs. When the last stage accepts the
-sample, :func:`publish` moves the staged artifacts into the Sparkle layout and adds the records; a rejected or
-failed sample leaves nothing in the layout (a rejected one leaves its report).
+sample, :func:`publish` moves the staged artifacts into the Sparkle layout and writes its record document
+(constant time; the shared CSV/JSONL files are materialised from the documents); a rejected or failed sample
+leaves nothing in the layout (a rejected one leaves its report).
 
 1. camera filter   optical flow + RANSAC homography at 2 FPS, then the VLM's fine check; a moving camera is
                    refused (unless forced); the instruction is written from the catalogue if none was given
@@ -41,6 +42,7 @@ from sparkle.config import PipelineConfig
 from sparkle.errors import ArtifactMissing
 from sparkle.funnel import write_funnel
 from sparkle.media import conform, read_video, sample_indices
+from sparkle.published import sample_document
 from sparkle.service import SampleRef
 from sparkle.store import ArtifactStore, staging_prefix
 
@@ -326,20 +328,15 @@ STAGE_NAMES = list(STAGES)
 # --- publish: the sample enters the Sparkle layout -------------------------------------------------------
 
 def publish(task: SampleTask, env: StageEnv) -> SampleTask:
-    """Move staged artifacts into the layout, then add the five records, the CSV row and the metadata."""
+    """Commit an accepted sample in constant time: move its staged artifacts into the layout, then write its
+    record document (the CSV row, the metadata line and the five records; ``sparkle.published``). The shared
+    layout files are materialised from the documents later (``sparkle export``; the embedded default at the
+    end of ``sparkle replace``). A re-delivered publish of a published sample is a no-op."""
     prefix = staging_prefix(task.id)
     moves = {key: key[len(prefix):] for key in task.refs.values() if key.startswith(prefix)}
-    # A publish interrupted by a crash and run again: what already moved stays where it is.
-    moves = {src: dst for src, dst in moves.items() if env.store.exists(src) or not env.store.exists(dst)}
-    et, sid = task.edit_type, task.id
-    jsonl = {layout.record(et, name): [rec] for name, rec in task.records.items()}
-    metadata = {"edit_type": et, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene}
-    if et == "openve3m":
-        metadata = {"edit_type": "openve3m_background_change", "original_scene": task.original_scene}
-    jsonl[layout.prompts_metadata(et)] = [{"id": sid, "prompt": task.prompt, "metadata": metadata}]
-    row = {"prompt": task.prompt, "src_video": layout.source_video(et, sid), "tgt_video": layout.edited_video(et, sid),
-           "task": sid}
-    env.store.publish(moves, jsonl, {layout.prompts_csv(et): [row]}, layout.CSV_COLUMNS, "task")
+    doc = sample_document(task.id, task.edit_type, task.prompt, task.chosen_keyword, task.original_scene,
+                          task.records)
+    env.store.publish_sample(moves, layout.document(task.edit_type, task.id), doc)
     task.refs = {name: moves.get(key, key) for name, key in task.refs.items()}
     return task
 

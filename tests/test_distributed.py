@@ -21,7 +21,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from sparkle import layout
+from sparkle import layout, published
 from sparkle.backends import load_backends
 from sparkle.config import PipelineConfig
 from sparkle.errors import ServiceRejected
@@ -72,7 +72,12 @@ def wait_terminal(store, ids, timeout_s=240.0) -> dict[str, dict]:
 
 
 def published_ids(store, edit_type="location") -> list[str]:
-    return [r["task"] for r in store.read_csv(layout.prompts_csv(edit_type))]
+    return published.published_ids(store, edit_type)
+
+
+def record_of(store, sid: str, name: str, edit_type: str = "location") -> dict:
+    """The stage record ``name`` of a published sample, from its record document."""
+    return published.read_document(store, edit_type, sid)["records"][name]
 
 
 def test_full_pipeline_over_celery_workers_matches_the_embedded_default(run, tmp_path):
@@ -111,12 +116,11 @@ def test_full_pipeline_over_celery_workers_matches_the_embedded_default(run, tmp
     assert task.status == "accepted"
     sid, lid = juggle["id"], task.id
     for name in ("foreground_grounding_r1", "foreground_grounding_r2"):
-        remote_rec = [r for r in store.read_jsonl(layout.record("location", name)) if r["id"] == sid]
-        local_rec = [r for r in local.read_jsonl(layout.record("location", name)) if r["id"] == lid]
-        assert len(remote_rec) == 1 and {**remote_rec[0], "id": lid} == local_rec[0], name
+        local_rec = [r for r in local.read_jsonl(layout.record("location", name)) if r["id"] == lid]  # materialised
+        assert len(local_rec) == 1 and {**record_of(store, sid, name), "id": lid} == local_rec[0], name
     # Scores agree up to OpenCV's GrabCut, whose k-means initialisation draws from a per-process RNG.
     for name in ("edited_frame0_score", "edited_frame0_foreground_removed_score"):
-        [remote_rec] = [r["editscore"] for r in store.read_jsonl(layout.record("location", name)) if r["id"] == sid]
+        remote_rec = record_of(store, sid, name)["editscore"]
         [local_rec] = [r["editscore"] for r in local.read_jsonl(layout.record("location", name)) if r["id"] == lid]
         for key in ("prompt_following", "consistency", "perceptual_quality", "overall"):
             assert abs(remote_rec[key] - local_rec[key]) <= 0.25, (name, key, remote_rec, local_rec)
@@ -158,9 +162,8 @@ def test_sigkill_of_a_service_worker_mid_stage_still_gives_exactly_one_result(ru
     assert "WorkerLostError" in c.log("control") or "Process" in c.log("control")
     store = run["store"]
     assert published_ids(store) == [sid]
-    for name in layout.RECORD_NAMES:
-        assert [r["id"] for r in store.read_jsonl(layout.record("location", name))] == [sid], name
-    assert [r["id"] for r in store.read_jsonl(layout.prompts_metadata("location"))] == [sid]
+    doc = published.read_document(store, "location", sid)
+    assert set(doc["records"]) == set(layout.RECORD_NAMES) and doc["metadata"]["id"] == sid
     assert store.list_keys("location/edited_video/") == [layout.edited_video("location", sid)]
     # The call that finished was made by a new pool process, not the killed one.
     result = run["app"].AsyncResult(next(k.decode().removeprefix("celery-task-meta-") for k in

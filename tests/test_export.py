@@ -1,8 +1,9 @@
 """``sparkle export`` (shared/sparkle/export.py): a store's published samples as a Sparkle dataset folder.
 
-The stores are built with the store's own ``publish`` (as orchestrator/pipeline.py does): tiny real MP4s,
-PNGs and masks staged under ``staging/{id}/`` and moved into the layout, plus samples that must *not* be
-exported (staged only, records without a CSV row, rejected with only a report) and keys outside the layout.
+The stores are built with the store's own ``publish_sample`` (as orchestrator/pipeline.py does): tiny real MP4s,
+PNGs and masks staged under ``staging/{id}/`` and moved into the layout with a record document, plus samples
+that must *not* be exported (staged only, moved without a document, rejected with only a report) and keys
+outside the layout. Byte identity with the old layout and legacy stores: tests/test_published.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sparkle import layout
 from sparkle.export import ExportError, export_command, export_dataset, parse_bytes, plan_shards
 from sparkle.masks import pack_mask
 from sparkle.media import write_png, write_video
+from sparkle.published import published_ids, sample_document
 from sparkle.store import ArtifactStore, LocalStore, staging_prefix
 from sparkle.store_s3 import S3Store, open_store
 
@@ -48,8 +50,8 @@ def _noise_video(path: Path, rng: np.random.Generator, frames: int) -> Path:
 
 def publish_sample(store: ArtifactStore, et: str, index: int, *, prompt: str = "", frames: int = 5,
                    edited_frames: int | None = None, commit: bool = True, stage_only: bool = False) -> str:
-    """Stage a whole sample and publish it; ``commit=False`` stops before the CSV row (a publish cut short),
-    ``stage_only`` before any move (a sample still running)."""
+    """Stage a whole sample and publish it; ``commit=False`` stops before the record document (a publish cut
+    short), ``stage_only`` before any move (a sample still running)."""
     sid = layout.sample_id(et, index)
     prompt = prompt or f"Replace the background with scene {index}"
     rng = np.random.default_rng(1000 * layout.EDIT_TYPES.index(et) + index)
@@ -71,43 +73,30 @@ def publish_sample(store: ArtifactStore, et: str, index: int, *, prompt: str = "
             store.put_file(stage + key, path)
     if stage_only:
         return sid
-    jsonl = {layout.record(et, name): [{"id": sid, "prompt": prompt, "record": name}] for name in layout.RECORD_NAMES}
-    jsonl[layout.prompts_metadata(et)] = [{"id": sid, "prompt": prompt, "metadata": {
-        "edit_type": et, "chosen_keyword": "urban: rooftop", "original_scene": f"scene {index}"}}]
-    row = {"prompt": prompt, "src_video": layout.source_video(et, sid), "tgt_video": layout.edited_video(et, sid),
-           "task": sid}
-    store.publish({stage + key: key for key in files}, jsonl, {layout.prompts_csv(et): [row]} if commit else {},
-                  layout.CSV_COLUMNS, "task")
+    records = {name: {"id": sid, "prompt": prompt, "record": name} for name in layout.RECORD_NAMES}
+    doc = sample_document(sid, et, prompt, "urban: rooftop", f"scene {index}", records)
+    moves = {stage + key: key for key in files}
+    if commit:
+        store.publish_sample(moves, layout.document(et, sid), doc)
+    else:
+        for src, dst in moves.items():
+            store.move(src, dst)
     store.put_json(layout.report(et, sid), {"id": sid, "status": "accepted"})
     return sid
-
-
-def _append(store: ArtifactStore, key: str, text: str) -> None:
-    store.put_bytes(key, store.get_bytes(key) + text.encode())
 
 
 def build_store(store: ArtifactStore) -> ArtifactStore:
     """Published: location 0-5 (4's edited video is big), season 0-1; plus everything that must not be exported."""
     for i in range(6):
         publish_sample(store, "location", i, frames=5 + 2 * (i % 3), edited_frames=25 if i == 4 else None)
-    publish_sample(store, "location", 2, prompt="second take")  # re-published: upserted, one row
+    publish_sample(store, "location", 2, prompt="second take")  # re-delivered: a no-op, the first publish stays
     for i in range(2):
         publish_sample(store, "season", i)
     publish_sample(store, "location", 6, stage_only=True)
     publish_sample(store, "location", 7, commit=False)
     store.put_json(layout.report("location", REJECTED), {"id": REJECTED, "status": "rejected"})
-    _append(store, layout.record("location", "foreground_grounding_r1"),
-            json.dumps({"id": REJECTED, "prompt": "rejected"}) + "\n")
-    # Duplicate lines for sample 1 (the last one wins), as a hand-edited or concatenated store would have.
-    sid = PUBLISHED["location"][1]
-    _append(store, layout.prompts_metadata("location"), json.dumps(
-        {"id": sid, "prompt": "dup", "metadata": {"edit_type": "location", "chosen_keyword": "a: b",
-                                                  "original_scene": "dup"}}) + "\n")
-    _append(store, layout.record("location", "edited_video_score"), json.dumps({"id": sid, "prompt": "dup"}) + "\n")
-    _append(store, layout.prompts_csv("location"),
-            f"dup,{layout.source_video('location', sid)},{layout.edited_video('location', sid)},{sid}\n")
     for key in ("reports/funnel.json", "jobs/j1.json", "datasets/old/prompts/location_train.csv", "notes.txt",
-                "intermediate_data/location/README.txt"):
+                "intermediate_data/location/README.txt", "published/location/README.txt"):
         store.put_bytes(key, b"not part of the dataset\n")
     return store
 
@@ -192,17 +181,15 @@ def test_exports_every_published_sample_exactly_once(store, tmp_path):
         for sid in ids:
             for key in (layout.source_video(et, sid), layout.edited_video(et, sid), layout.mask(et, sid)):
                 assert (out / key).read_bytes() == store.get_bytes(key)
-    # Duplicates: the last line of an id wins, the re-published sample has its second prompt.
+    # Exactly once: the re-delivered publish of sample 2 changed nothing.
     rows = {r["task"]: r for r in csv.DictReader(io.StringIO((out / layout.prompts_csv("location")).read_text()))}
     metadata = {r["id"]: r for r in read_jsonl(out / layout.prompts_metadata("location"))}
-    score = {r["id"]: r for r in read_jsonl(out / layout.record("location", "edited_video_score"))}
-    sid1, sid2 = PUBLISHED["location"][1], PUBLISHED["location"][2]
-    assert rows[sid1]["prompt"] == metadata[sid1]["prompt"] == score[sid1]["prompt"] == "dup"
-    assert rows[sid2]["prompt"] == metadata[sid2]["prompt"] == "second take"
+    sid2 = PUBLISHED["location"][2]
+    assert rows[sid2]["prompt"] == metadata[sid2]["prompt"] == "Replace the background with scene 2"
     # The store does hold the samples that must not be exported (so the check above means something).
     assert store.list_keys(staging_prefix(STAGED)) and store.exists(layout.source_video("location", HALF))
     assert store.exists(layout.report("location", REJECTED))
-    assert HALF in {r["id"] for r in store.read_jsonl(layout.prompts_metadata("location"))}
+    assert HALF not in published_ids(store, "location")
     for path in out.rglob("*"):
         if path.is_file():
             content = path.read_bytes()
@@ -235,12 +222,13 @@ def test_missing_media_or_metadata_of_a_published_sample_is_an_error(store_dir, 
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
     shutil.copy(store_dir / layout.edited_video("location", sid), root / layout.edited_video("location", sid))
-    key = layout.prompts_metadata("season")
     sid = PUBLISHED["season"][1]
-    broken.put_bytes(key, b"".join(line + b"\n" for line in broken.get_bytes(key).splitlines()
-                                   if sid.encode() not in line))
-    with pytest.raises(ExportError, match=f"published sample {sid}: no record in {key}"):
+    doc = broken.get_json(layout.document("season", sid))
+    del doc["metadata"]
+    broken.put_json(layout.document("season", sid), doc)
+    with pytest.raises(ExportError, match=f"published sample {sid}: .* has no metadata record"):
         export_dataset(broken, tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # still nothing written
 
 
 def test_no_published_samples_is_an_error(tmp_path):
@@ -310,10 +298,7 @@ def test_more_than_100_shards_get_three_digits(tmp_path):
         sid = layout.sample_id(et, i)
         for key in (layout.source_video(et, sid), layout.edited_video(et, sid)):
             small.put_bytes(key, bytes([i]) * 20)
-        small.upsert_jsonl(layout.prompts_metadata(et), [{"id": sid, "prompt": "p", "metadata": {}}])
-    small.put_bytes(layout.prompts_csv(et), "prompt,src_video,tgt_video,task\n".encode() + b"".join(
-        f"p,{layout.source_video(et, s)},{layout.edited_video(et, s)},{s}\n".encode()
-        for s in (layout.sample_id(et, i) for i in range(101))))
+        small.publish_sample({}, layout.document(et, sid), sample_document(sid, et, "p", None, None, {}))
     out = tmp_path / "out"
     export_dataset(small, out, shards=True, shard_bytes=1, loose_media=False)
     names = [n for n in shard_names(out) if n.startswith("time_source_video")]
@@ -333,13 +318,13 @@ def test_reexport_is_idempotent_and_resumes(store, tmp_path):
     before = tree(out)
     media = out / layout.source_video("location", PUBLISHED["location"][0])
     stamp = media.stat().st_mtime_ns, media.stat().st_ino
-    text_files = len([k for k in expected_files() if k.endswith((".csv", ".jsonl"))])
 
     second = export_dataset(store, out, shards=True, shard_bytes=SHARD_BYTES)
     assert tree(out) == before
     assert (media.stat().st_mtime_ns, media.stat().st_ino) == stamp  # not rewritten
-    assert second["files_written"] == text_files  # only the CSV and JSONL files, rewritten every run
-    assert second["files_skipped"] == first["files_written"] - text_files
+    assert second["files_written"] == 0  # nothing new: the CSV and JSONL files are left as they are too
+    assert second["files_skipped"] == first["files_written"]
+    assert second["layout"] == {et: {"mode": "unchanged", "documents_read": 0} for et in PUBLISHED}
     assert second["shards_written"] == 0 and second["shards_skipped"] == len(first["shards"])
     assert second["shards"] == first["shards"] and second["samples"] == first["samples"]
 
@@ -352,11 +337,29 @@ def test_reexport_is_idempotent_and_resumes(store, tmp_path):
     (out / first["shards"][2]).write_bytes(b"truncated")
     third = export_dataset(store, out, shards=True, shard_bytes=SHARD_BYTES)
     assert tree(out) == before
-    assert third["files_written"] == text_files + 2 and third["shards_written"] == 2
+    season_text = len(layout.layout_files("season"))  # the season CSV is gone: its files are rebuilt in full
+    assert third["files_written"] == season_text + 2 and third["shards_written"] == 2
+    assert third["layout"]["season"] == {"mode": "full", "documents_read": 2}
+    assert third["layout"]["location"]["mode"] == "unchanged"
 
-    forced = export_dataset(store, out, shards=True, shard_bytes=SHARD_BYTES, force=True)
-    assert forced["files_written"] == first["files_written"] and forced["shards_written"] == len(first["shards"])
-    assert tree(out) == before
+    # A new sample: only its document is read, its lines are merged in, in id order.
+    new_root = tmp_path / "store"
+    shutil.copytree(store.root, new_root)
+    grown = LocalStore(new_root)
+    publish_sample(grown, "location", 9)
+    fourth = export_dataset(grown, out, shards=True, shard_bytes=SHARD_BYTES)
+    assert fourth["layout"]["location"] == {"mode": "incremental", "documents_read": 1}
+    ids = PUBLISHED["location"] + [layout.sample_id("location", 9)]
+    assert [r["id"] for r in read_jsonl(out / layout.prompts_metadata("location"))] == ids
+    full = tmp_path / "full"
+    export_dataset(grown, full, shards=True, shard_bytes=SHARD_BYTES)
+    assert tree(full) == tree(out)
+
+    forced = export_dataset(grown, full, shards=True, shard_bytes=SHARD_BYTES, force=True)
+    assert forced["files_written"] == len(tree(full)) - len(forced["shards"])
+    assert forced["shards_written"] == len(forced["shards"])
+    assert forced["layout"]["location"] == {"mode": "full", "documents_read": 7}
+    assert tree(full) == tree(out)
     assert not list(out.rglob("*.part")) and not list(out.glob(".export-*"))  # no temporaries left
 
 
@@ -432,5 +435,5 @@ def test_export_from_s3_matches_local(store, settings, bucket, tmp_path):
     assert set(tree(s3_out)) == expected_files() | set(local["shards"])
     assert {k: v for k, v in remote.items() if k != "out"} == {k: v for k, v in local.items() if k != "out"}
     again = export_dataset(s3, s3_out, shards=True, shard_bytes=SHARD_BYTES)
-    text_files = len([k for k in expected_files() if k.endswith((".csv", ".jsonl"))])
-    assert again["shards_written"] == 0 and again["files_skipped"] == remote["files_written"] - text_files
+    assert again["shards_written"] == 0 and again["files_written"] == 0
+    assert again["files_skipped"] == remote["files_written"]

@@ -73,28 +73,46 @@ def test_conform_sizes_and_lengths():
 
 @pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085", "\x0b", "\x1c"])
 def test_jsonl_and_csv_survive_line_breaks_that_json_keeps_raw(char, tmp_path):
-    """A prompt holding U+2028 (or another break str.splitlines knows) round-trips through the JSONL and CSV
-    of the layout; the line after it is still its own record, and pandas reads the CSV as Kiwi-Edit does."""
+    """A prompt holding U+2028 (or another break str.splitlines knows), a quote, a comma and a newline is
+    published (record document), materialised into the layout, merged into again by a later publish, exported,
+    and read back: by pandas as Kiwi-Edit reads the CSV, by csv.DictReader and by the JSONL readers; every line
+    after it is still its own record."""
+    import csv
+    import json
+
     import pandas as pd
 
+    from sparkle.export import export_dataset
+    from sparkle.published import materialise_layout, published_documents
     from sparkle.store import LocalStore
+    from tests.test_published import publish_synthetic
 
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path / "store")
     prompt = f"Replace the background with a beach{char}at dusk, \"golden\"\nhour"
-    key, csv_key = layout.prompts_metadata("location"), layout.prompts_csv("location")
-    rows = [{"id": "Sparkle_location_000000", "prompt": prompt}, {"id": "Sparkle_location_000001", "prompt": "x"}]
-    store.upsert_jsonl(key, rows)
-    raw = store.get_bytes(key).decode()
-    assert (char in raw) == (ord(char) >= 0x20)  # JSON escapes C0 controls; the others are written raw
-    assert store.read_jsonl(key) == rows
-    store.upsert_jsonl(key, [{"id": "Sparkle_location_000001", "prompt": "y"}])  # a later read-modify-write
-    assert [r["prompt"] for r in store.read_jsonl(key)] == [prompt, "y"]
-    csv_rows = [{"prompt": prompt, "src_video": "a.mp4", "tgt_video": "b.mp4", "task": "Sparkle_location_000000"},
-                {"prompt": "x", "src_video": "c.mp4", "tgt_video": "d.mp4", "task": "Sparkle_location_000001"}]
-    store.upsert_csv(csv_key, layout.CSV_COLUMNS, csv_rows, "task")
-    assert store.read_csv(csv_key) == csv_rows
-    frame = pd.read_csv(store.path(csv_key))
-    assert list(frame["prompt"]) == [prompt, "x"] and list(frame["task"]) == [r["task"] for r in csv_rows]
+    publish_synthetic(store, "location", 0, prompt)
+    publish_synthetic(store, "location", 2)
+    materialise_layout(store)
+    publish_synthetic(store, "location", 1, f"second{char}one")  # merged between the two existing lines
+    materialise_layout(store)
+    export_dataset(store, tmp_path / "export")
+    prompts = [prompt, f"second{char}one"]
+    for root in (store.root, tmp_path / "export"):
+        key, csv_key = root / layout.prompts_metadata("location"), root / layout.prompts_csv("location")
+        raw = key.read_text(encoding="utf-8")
+        assert (char in raw) == (ord(char) >= 0x20)  # JSON escapes C0 controls; the others are written raw
+        metadata = [json.loads(line) for line in raw.split("\n") if line]
+        assert [m["prompt"] for m in metadata][:2] == prompts and len(metadata) == 3
+        assert [r["prompt"] for r in LocalStore(root).read_jsonl(layout.prompts_metadata("location"))][:2] == prompts
+        for name in layout.RECORD_NAMES:
+            lines = [json.loads(line) for line in (root / layout.record("location", name)).read_bytes().split(b"\n")
+                     if line]
+            assert [r["id"] for r in lines] == [layout.sample_id("location", i) for i in range(3)], name
+        frame = pd.read_csv(csv_key)
+        assert list(frame["prompt"])[:2] == prompts
+        assert list(frame["task"]) == [layout.sample_id("location", i) for i in range(3)]
+        with open(csv_key, newline="", encoding="utf-8") as f:
+            assert [r["prompt"] for r in csv.DictReader(f)][:2] == prompts
+    assert [d["row"]["prompt"] for d in published_documents(store, "location")][:2] == prompts
 
 
 def test_a_manifest_line_may_hold_u2028():

@@ -28,10 +28,11 @@ INSIDE_MAX, OUTSIDE_MIN = 12.0, 25.0
 
 
 def dataset_files(root):
-    """Files of the Sparkle layout under ``root`` (our reports and lock files excluded)."""
+    """Files of the Sparkle layout under ``root`` (our reports, sample-id counters and lock files excluded)."""
     if not root.exists():
         return []
-    return [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in ("reports", ".locks")]
+    return [p for p in root.rglob("*") if p.is_file()
+            and p.relative_to(root).parts[0] not in ("reports", "jobs", ".locks")]
 
 
 def region_differences(src, edited, mask):

@@ -45,19 +45,20 @@ def store(request, tmp_path):
 
 # --- one contract, two stores ------------------------------------------------------------------------------
 
-def test_publish_is_atomic_and_upserts_are_idempotent(store):
-    # The assertions of test_formats.test_store_publish_is_atomic_and_upserts_are_idempotent.
+def test_publish_sample_is_atomic_and_exactly_once(store):
     store.put_bytes("staging/S/a/x.bin", b"1")
+    store.put_bytes("staging/S/a/y.bin", b"2")
     assert store.list_keys("a/") == []
-    store.publish({"staging/S/a/x.bin": "a/x.bin"}, {"r.jsonl": [{"id": "S", "v": 1}]},
-                  {"p.csv": [{"task": "S", "prompt": "p, with comma"}]}, ("prompt", "task"), "task")
-    store.publish({}, {"r.jsonl": [{"id": "S", "v": 2}, {"id": "T", "v": 3}]},
-                  {"p.csv": [{"task": "S", "prompt": "again"}]}, ("prompt", "task"), "task")
-    assert store.get_bytes("a/x.bin") == b"1"
+    moves = {"staging/S/a/x.bin": "a/x.bin", "staging/S/a/y.bin": "a/y.bin"}
+    store.move("staging/S/a/x.bin", "a/x.bin")  # a publish cut short after one move
+    assert store.publish_sample(moves, "published/S.json", {"id": "S", "prompt": "p, with \u2028", "v": float("nan")})
+    assert store.get_bytes("a/x.bin") == b"1" and store.get_bytes("a/y.bin") == b"2"
     assert store.list_keys("staging/") == []
-    assert store.read_jsonl("r.jsonl") == [{"id": "S", "v": 2}, {"id": "T", "v": 3}]
-    assert store.read_csv("p.csv") == [{"prompt": "again", "task": "S"}]
-    assert sorted(store.list_keys("")) == store.list_keys("") == ["a/x.bin", "p.csv", "r.jsonl"]
+    assert store.get_bytes("published/S.json") == '{"id": "S", "prompt": "p, with \u2028", "v": null}'.encode()
+    # re-delivered: a no-op that reads nothing staged and writes nothing
+    assert not store.publish_sample({"staging/S/a/z.bin": "a/z.bin"}, "published/S.json", {"id": "S", "v": 2})
+    assert store.get_json("published/S.json")["v"] is None
+    assert sorted(store.list_keys("")) == store.list_keys("") == ["a/x.bin", "a/y.bin", "published/S.json"]
 
 
 def test_put_get_exists_list_delete_move(store, tmp_path):
@@ -110,7 +111,9 @@ def test_lock_excludes_threads(store):
                     time.sleep(0.002)
                     with guard:
                         inside[0] -= 1
-                store.upsert_jsonl("t.jsonl", [{"id": f"{i}-{j}"}])
+                with store.lock("counter"):  # a read-modify-write, as the sample-id counters do
+                    n = store.get_json("n.json")["n"] if store.exists("n.json") else 0
+                    store.put_json("n.json", {"n": n + 1})
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -120,8 +123,7 @@ def test_lock_excludes_threads(store):
     for t in threads:
         t.join()
     assert not errors and worst[0] == 1
-    assert sorted(r["id"] for r in store.read_jsonl("t.jsonl")) == sorted(f"{i}-{j}" for i in range(4)
-                                                                           for j in range(5))
+    assert store.get_json("n.json") == {"n": 20}
 
 
 # --- S3 only ------------------------------------------------------------------------------------------------
@@ -154,8 +156,9 @@ _WRITER = textwrap.dedent("""
                                                 s3_secret_key="testing", broker_url=redis_url))
     time.sleep(max(0.0, float(start) - time.time()))
     for i in range(int(n)):
-        store.upsert_jsonl("shared.jsonl", [{"id": f"{tag}-{i}"}])
-        store.upsert_csv("shared.csv", ("task", "v"), [{"task": f"{tag}-{i}", "v": i}], "task")
+        with store.lock("shared"):  # read-modify-write of one shared document
+            seen = store.get_json("shared.json") if store.exists("shared.json") else []
+            store.put_json("shared.json", seen + [f"{tag}-{i}"])
 """)
 
 
@@ -169,8 +172,7 @@ def test_redis_lock_keeps_every_record_of_two_processes(s3_store, settings):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err.decode()
     want = sorted(f"{t}-{i}" for t in ("p", "q") for i in range(n))
-    assert sorted(r["id"] for r in s3_store.read_jsonl("shared.jsonl")) == want
-    assert sorted(r["task"] for r in s3_store.read_csv("shared.csv")) == want
+    assert sorted(s3_store.get_json("shared.json")) == want
 
 
 def test_redis_lock_blocks_a_second_holder_and_frees_on_exit(s3_store):

@@ -12,22 +12,26 @@ released layout (``../shared/reference/formats.md``), for every theme (``edit_ty
     intermediate_data/{et}/{record}.jsonl        the five per-stage records, one line per sample
     {et}_{source_video|edited_video}_partXX.tar  tar shards (shards=True), members {et}/{kind}/{id}.mp4
 
-Which samples: the **published** ones, those with a row in the store's ``prompts/{et}_train.csv``. That CSV is
-the commit point of :meth:`~sparkle.store.ArtifactStore.publish` (artifacts are moved first, records and rows
-added last), and it is read first, once: a sample that is staged, rejected (only its report exists) or being
-published right now is not exported, and every exported row names files that exist. Rows and records are
-deduplicated by id (the last occurrence wins) and written in id order. Keys outside the layout
-(``staging/``, ``reports/``, ``jobs/``, ``datasets/``, ...) are never read.
+Which samples: the **published** ones, those with a record document ``published/{et}/{id}.json``. The document
+is the commit point of :meth:`~sparkle.store.ArtifactStore.publish_sample` (artifacts are moved first, the
+document written last), and the documents are listed first, once: a sample that is staged, rejected (only its
+report exists) or being published right now is not exported, and every exported row names files that exist.
+The CSV and JSONL files are materialised from the documents in id order (``sparkle.published``), streaming
+(memory holds ids and file sizes, never the records), and **incrementally**: an output folder that already
+holds an export gets only the new samples' lines merged in, reading only their documents from the store
+(``force=True`` rebuilds them). A legacy store (published before documents existed) is adopted first.
+Keys outside the layout (``staging/``, ``reports/``, ``jobs/``, ``datasets/``, ...) are never read.
 
 Guarantees:
 
-- **fail loud**: a published sample whose source or edited video or metadata record is missing raises
-  :class:`ExportError` naming the sample, before anything is written. Nothing is dropped silently.
+- **fail loud**: a published sample whose source or edited video is missing, or whose document is malformed,
+  raises :class:`ExportError` naming the sample, before any file of ``OUT`` is replaced (the text files are
+  staged as temporary files first). Nothing is dropped silently.
 - **atomic files**: every file is written to a temporary ``.NAME.XXXX.part`` in its folder, then renamed onto
   its name (``os.replace``): a reader, or a crash, sees the previous file or the new one, never a prefix.
 - **idempotent and resumable**: running the export again into the same folder skips media and intermediate
   files already there with the store's size (``force=True`` rewrites them), skips a shard whose members
-  (names and sizes) are the planned ones, and rewrites the CSV and JSONL files. An interrupted export is
+  (names and sizes) are the planned ones, and merges new samples into the CSV and JSONL files. An interrupted export is
   completed by running it again. Shards of an earlier export that the new plan does not name (fewer parts) are
   removed; other files are never deleted.
 - **deterministic shards**: members in id order, split greedily, fixed tar headers (PAX format, mtime 0,
@@ -36,8 +40,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -57,6 +59,7 @@ from rich.table import Table
 
 from . import layout
 from .errors import SparkleError
+from .published import LayoutError, StagedLayout, adopt_legacy, published_ids, stage_layout
 from .store import ArtifactStore, LocalStore
 
 SHARD_KINDS = ("source_video", "edited_video")
@@ -78,12 +81,10 @@ class ExportError(SparkleError):
 
 @dataclass
 class _ThemePlan:
-    """What one theme exports, read from the store before anything is written. Sizes are in bytes."""
+    """What one theme exports, listed from the store before anything is written. Sizes are in bytes."""
 
     edit_type: str
-    rows: list[dict]  # CSV rows, in id order
-    metadata: list[dict]  # one record per row, same order
-    records: dict[str, list[dict]] = field(default_factory=dict)  # record key -> records in id order
+    ids: list[str]  # published sample ids, in id order
     media: dict[str, int] = field(default_factory=dict)  # source/edited video key -> size
     files: dict[str, int] = field(default_factory=dict)  # intermediate file key -> size
 
@@ -118,18 +119,21 @@ def export_dataset(store: ArtifactStore, out: Path, edit_types: list[str] | None
         shard_bytes: largest size of a shard file, in bytes; a shard holding one larger member is the exception.
         intermediate: also export ``intermediate_data/{et}/`` (files and the five records) of the samples.
         loose_media: write ``{et}/{source_video|edited_video}/{id}.mp4``; False needs ``shards=True``.
-        force: rewrite files and shards that are already in ``out``.
+        force: rewrite files and shards that are already in ``out``, and rebuild the CSV and JSONL files
+            from every record document instead of merging the new ones into them.
         progress: called as ``progress(key, done, total)`` after each media/intermediate file and shard
             member (``done`` and ``total`` count those).
 
     Returns:
         ``{"out", "samples": {et: count}, "total_samples", "files_written", "files_skipped", "shards",
-        "shards_written", "shards_skipped", "bytes_written"}``: files count loose files (media, intermediates,
-        CSV and JSONL), ``shards`` names every shard of the export, bytes are those written by this run.
+        "shards_written", "shards_skipped", "bytes_written", "layout": {et: {"mode", "documents_read"}}}``:
+        files count loose files (media, intermediates, CSV and JSONL), ``shards`` names every shard of the
+        export, bytes are those written by this run; ``mode`` is how the CSV/JSONL files were made (``full``,
+        ``incremental`` or ``unchanged``), ``documents_read`` how many record documents were read.
 
     Raises:
-        ExportError: no ``prompts/*_train.csv`` in the store, a requested theme has none, a CSV row is
-            malformed, or a published sample misses its source/edited video or its metadata record.
+        ExportError: no published samples in the store, a requested theme has none, a legacy CSV row or a
+            record document is malformed, or a published sample misses its source/edited video.
         ValueError: unknown theme, ``shard_bytes < 1``, or ``loose_media=False`` without shards.
     """
     if shard_bytes < 1:
@@ -140,9 +144,9 @@ def export_dataset(store: ArtifactStore, out: Path, edit_types: list[str] | None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"out": str(out), "samples": {p.edit_type: len(p.rows) for p in plans},
-               "total_samples": sum(len(p.rows) for p in plans), "files_written": 0, "files_skipped": 0,
-               "shards": [], "shards_written": 0, "shards_skipped": 0, "bytes_written": 0}
+    summary = {"out": str(out), "samples": {p.edit_type: len(p.ids) for p in plans},
+               "total_samples": sum(len(p.ids) for p in plans), "files_written": 0, "files_skipped": 0,
+               "shards": [], "shards_written": 0, "shards_skipped": 0, "bytes_written": 0, "layout": {}}
     total = sum((len(p.media) if loose_media else 0) + len(p.files) + (len(p.media) if shards else 0)
                 for p in plans)
     done = 0
@@ -153,32 +157,56 @@ def export_dataset(store: ArtifactStore, out: Path, edit_types: list[str] | None
         if progress:
             progress(key, done, total)
 
-    for plan in plans:
-        loose = {**(plan.media if loose_media else {}), **plan.files}
-        for key, size in loose.items():
-            written = _copy(store, key, out / key, size, force)
-            summary["files_skipped" if written is None else "files_written"] += 1
-            summary["bytes_written"] += written or 0
-            step(key)
-        if shards:
-            for kind in SHARD_KINDS:
-                members = [(k, s) for k, s in plan.media.items() if k.startswith(f"{plan.edit_type}/{kind}/")]
-                for name, written in _write_shards(store, out, f"{plan.edit_type}_{kind}", members, shard_bytes,
-                                                   force, step):
-                    summary["shards"].append(name)
-                    summary["shards_written" if written else "shards_skipped"] += 1
-                    summary["bytes_written"] += written
+    staged: list[StagedLayout] = []
+    try:
+        # The text files first, as temporary files: a malformed document fails the export before OUT changes.
+        for plan in plans:
+            staged.append(_stage_text(store, plan, out, intermediate, force))
+        for plan in plans:
+            loose = {**(plan.media if loose_media else {}), **plan.files}
+            for key, size in loose.items():
+                written = _copy(store, key, out / key, size, force)
+                summary["files_skipped" if written is None else "files_written"] += 1
+                summary["bytes_written"] += written or 0
+                step(key)
+            if shards:
+                for kind in SHARD_KINDS:
+                    members = [(k, s) for k, s in plan.media.items() if k.startswith(f"{plan.edit_type}/{kind}/")]
+                    for name, written in _write_shards(store, out, f"{plan.edit_type}_{kind}", members, shard_bytes,
+                                                       force, step):
+                        summary["shards"].append(name)
+                        summary["shards_written" if written else "shards_skipped"] += 1
+                        summary["bytes_written"] += written
         # The CSV last: as in the store, a reader that finds a row finds every file it names.
-        texts = {key: _jsonl(records) for key, records in plan.records.items()}
-        texts[layout.prompts_metadata(plan.edit_type)] = _jsonl(plan.metadata)
-        texts[layout.prompts_csv(plan.edit_type)] = _csv(plan.rows)
-        for key, text in texts.items():
-            data = text.encode()
-            with _atomic(out / key) as tmp:
-                tmp.write_bytes(data)
-            summary["files_written"] += 1
-            summary["bytes_written"] += len(data)
+        for text in staged:
+            n = len(layout.layout_files(text.edit_type)) if intermediate else 2
+            written = text.commit()
+            summary["files_written"] += written
+            summary["files_skipped"] += n - written if text.mode == "unchanged" else 0
+            summary["bytes_written"] += text.bytes
+            summary["layout"][text.edit_type] = {"mode": text.mode, "documents_read": text.new}
+    finally:
+        for text in staged:
+            text.discard()
     return summary
+
+
+def _stage_text(store: ArtifactStore, plan: _ThemePlan, out: Path, intermediate: bool, force: bool) -> StagedLayout:
+    """The theme's CSV and JSONL files staged in ``out`` (all seven; without ``intermediate`` only the CSV and
+    the metadata are kept). Raises ExportError for a malformed or vanished document."""
+    try:
+        text = stage_layout(store, plan.edit_type, out, plan.ids, incremental=not force)
+    except LayoutError as exc:
+        raise ExportError(str(exc)) from None
+    except KeyError as exc:
+        raise ExportError(f"the record document {exc} disappeared from the store during the export") from None
+    if not intermediate:
+        for key in layout.layout_files(plan.edit_type)[2:]:
+            tmp = text.temps.pop(key, None)
+            if tmp is not None:
+                text.bytes -= tmp.stat().st_size
+                tmp.unlink()
+    return text
 
 
 def export_command(
@@ -246,44 +274,30 @@ def _open_store(url: str) -> ArtifactStore:
 
 
 def _themes(store: ArtifactStore, edit_types: list[str] | None) -> list[str]:
-    """The themes to export, in EDIT_TYPES order. Raises ValueError/ExportError (see export_dataset)."""
-    present = set(store.list_keys("prompts/"))
-    found = [et for et in layout.EDIT_TYPES if layout.prompts_csv(et) in present]
-    if edit_types is None:
-        if not found:
-            raise ExportError("no published samples in the store: no prompts/{edit_type}_train.csv")
-        return found
-    for et in edit_types:
+    """The themes to export, in EDIT_TYPES order: those with published samples (after adopting a legacy
+    layout). Raises ValueError/ExportError (see export_dataset)."""
+    for et in edit_types or []:
         layout.check_edit_type(et)
-        if et not in found:
-            raise ExportError(f"no published samples of theme {et!r} in the store: no {layout.prompts_csv(et)}")
-    return [et for et in layout.EDIT_TYPES if et in edit_types]
+    found = []
+    for et in edit_types or layout.EDIT_TYPES:
+        try:
+            adopt_legacy(store, et)
+        except LayoutError as exc:
+            raise ExportError(str(exc)) from None
+        if published_ids(store, et):
+            found.append(et)
+        elif edit_types is not None:
+            raise ExportError(f"no published samples of theme {et!r} in the store: no {layout.PUBLISHED_PREFIX}{et}/*.json")
+    if not found:
+        raise ExportError("no published samples in the store: no published/{edit_type}/*.json record documents")
+    return [et for et in layout.EDIT_TYPES if et in found]
 
 
 def _plan_theme(store: ArtifactStore, et: str, intermediate: bool) -> _ThemePlan:
-    """Read the theme's CSV (first: the commit point), records and file listings; check every sample is whole."""
-    rows: dict[str, dict] = {}
-    for row in store.read_csv(layout.prompts_csv(et)):
-        sid = row.get("task") or ""
-        try:
-            row_et, _ = layout.parse_sample_id(sid)
-        except ValueError:
-            row_et = None
-        if row_et != et:
-            raise ExportError(f"{layout.prompts_csv(et)}: task {sid!r} is not a sample id of theme {et!r}")
-        if (row.get("src_video"), row.get("tgt_video")) != (layout.source_video(et, sid), layout.edited_video(et, sid)):
-            raise ExportError(f"{layout.prompts_csv(et)}: the row of {sid} names other videos than "
-                              f"{layout.source_video(et, sid)} and {layout.edited_video(et, sid)}")
-        rows[sid] = {col: row.get(col, "") for col in layout.CSV_COLUMNS}  # the last row of an id wins
-    ids = sorted(rows, key=lambda sid: layout.parse_sample_id(sid)[1])
-
-    metadata = _by_id(store, layout.prompts_metadata(et), ids)
-    plan = _ThemePlan(et, [rows[sid] for sid in ids], [])
-    for sid in ids:
-        if sid not in metadata:
-            raise ExportError(f"published sample {sid}: no record in {layout.prompts_metadata(et)}")
-        plan.metadata.append(metadata[sid])
-
+    """List the theme's published ids (first: the documents are the commit point) and its files' sizes; check
+    every sample has its source and edited video."""
+    ids = published_ids(store, et)
+    plan = _ThemePlan(et, ids)
     for kind, key_of in (("source_video", layout.source_video), ("edited_video", layout.edited_video)):
         sizes = _sizes_under(store, f"{et}/{kind}/")
         for sid in ids:
@@ -291,27 +305,13 @@ def _plan_theme(store: ArtifactStore, et: str, intermediate: bool) -> _ThemePlan
             if key not in sizes:
                 raise ExportError(f"published sample {sid}: {key} is missing in the store")
             plan.media[key] = sizes[key]
-
     if intermediate:
-        for name in layout.RECORD_NAMES:
-            records = _by_id(store, layout.record(et, name), ids)
-            if records:
-                plan.records[layout.record(et, name)] = [records[sid] for sid in ids if sid in records]
         wanted = set(ids)
         for key, size in _sizes_under(store, f"intermediate_data/{et}/").items():
             parts = key.split("/")  # intermediate_data, et, folder, {id}.{ext}
             if len(parts) == 4 and parts[3].split(".")[0] in wanted:
                 plan.files[key] = size
     return plan
-
-
-def _by_id(store: ArtifactStore, key: str, ids: list[str]) -> dict[str, dict]:
-    """The JSONL records of ``key`` whose ``id`` is in ``ids``, one per id (the last line wins)."""
-    wanted, found = set(ids), {}
-    for record in store.read_jsonl(key):
-        if record.get("id") in wanted:
-            found[record["id"]] = record
-    return found
 
 
 def _sizes_under(store: ArtifactStore, prefix: str) -> dict[str, int]:
@@ -359,18 +359,6 @@ def _copy(store: ArtifactStore, key: str, dest: Path, size: int, force: bool) ->
         except KeyError:
             raise ExportError(f"{key} disappeared from the store during the export") from None
     return dest.stat().st_size
-
-
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(layout.CSV_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 # --- tar shards ----------------------------------------------------------------------------------------------

@@ -97,6 +97,22 @@ def prompts_metadata(edit_type: str) -> str:
     return f"prompts/{edit_type}_train_metadata.jsonl"
 
 
+PUBLISHED_PREFIX = "published/"
+"""Where the per-sample record documents live (our addition, ignored by Sparkle readers)."""
+
+
+def document(edit_type: str, sid: str) -> str:
+    """``published/{edit_type}/{id}.json``: the record document of a published sample (its CSV row, metadata
+    line and five stage records), written once by the publish; the commit point of the sample."""
+    return f"{PUBLISHED_PREFIX}{edit_type}/{sid}.json"
+
+
+def layout_files(edit_type: str) -> list[str]:
+    """The seven shared text files of a theme, materialised from the record documents: the CSV, the metadata
+    JSONL and the five record JSONL files."""
+    return [prompts_csv(edit_type), prompts_metadata(edit_type)] + [record(edit_type, n) for n in RECORD_NAMES]
+
+
 def report(edit_type: str, sid: str) -> str:
     """Our own addition (ignored by Sparkle readers): the per-sample summary, accepted or rejected."""
     return f"reports/{edit_type}/{sid}.json"

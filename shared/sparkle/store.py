@@ -5,8 +5,11 @@ default) implements it here and the MinIO store implements it for the cluster. T
 implementation:
 
 - an artifact becomes visible only when complete (written elsewhere, then committed by one rename/commit);
-- a sample is built under ``staging/{id}/`` and moved into the layout by :meth:`ArtifactStore.publish`
-  only when it is accepted, so a failed or rejected sample leaves nothing in the dataset.
+- a sample is built under ``staging/{id}/`` and moved into the layout by :meth:`ArtifactStore.publish_sample`
+  only when it is accepted, so a failed or rejected sample leaves nothing in the dataset. Its records go into
+  one per-sample document (``published/{edit_type}/{id}.json``); the shared layout files (the CSV, the
+  metadata and record JSONL) are materialised from those documents (``sparkle.published``), never rewritten
+  by a publish.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def lock(self, name: str) -> AbstractContextManager:
-        """A lock shared by every writer of this store (read-modify-write of shared files)."""
+        """A lock shared by every writer of this store (read-modify-write of shared files: id counters,
+        dataset state, the funnel, materialising the layout; never on the publish path)."""
 
     # --- derived operations, the same for every store ---------------------------------------------------
 
@@ -96,54 +100,46 @@ class ArtifactStore(ABC):
         with tempfile.TemporaryDirectory() as tmp:
             return self.get_file(key, Path(tmp) / "blob").read_bytes()
 
-    def put_json(self, key: str, obj) -> str:
-        """Store ``obj`` as strict JSON: NaN and infinities (e.g. an unmeasured camera metric) become null."""
-        return self.put_bytes(key, json.dumps(json_safe(obj), ensure_ascii=False, indent=2, allow_nan=False).encode())
+    def put_json(self, key: str, obj, compact: bool = False) -> str:
+        """Store ``obj`` as strict JSON (UTF-8, indented unless ``compact``): NaN and infinities (e.g. an
+        unmeasured camera metric) become null."""
+        return self.put_bytes(key, json.dumps(json_safe(obj), ensure_ascii=False, indent=None if compact else 2,
+                                              allow_nan=False).encode())
 
     def get_json(self, key: str):
         return json.loads(self.get_bytes(key))
 
     def read_jsonl(self, key: str) -> list[dict]:
+        """Every record of a JSON Lines file (split at ``\\n`` only, see :func:`jsonl_lines`); [] if absent.
+        Reads the whole file: for the small files of the store's own bookkeeping and for adopting a legacy
+        layout, not for the dataset's records (those are per-sample documents, ``sparkle.published``)."""
         if not self.exists(key):
             return []
         return [json.loads(line) for line in jsonl_lines(self.get_bytes(key).decode()) if line.strip()]
 
-    def upsert_jsonl(self, key: str, records: list[dict], id_field: str = "id") -> None:
-        """Add ``records`` to a JSONL file, replacing lines whose ``id_field`` matches (idempotent re-runs)."""
-        with self.lock(key):
-            new_ids = {r[id_field] for r in records}
-            kept = [r for r in self.read_jsonl(key) if r.get(id_field) not in new_ids]
-            lines = [json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) for r in kept + records]
-            self.put_bytes(key, ("\n".join(lines) + "\n").encode())
-
     def read_csv(self, key: str) -> list[dict]:
+        """Every row of a CSV file with a header (quoted newlines kept); [] if absent. Reads the whole file."""
         if not self.exists(key):
             return []
-        return list(csv.DictReader(io.StringIO(self.get_bytes(key).decode())))
+        return list(csv.DictReader(io.StringIO(self.get_bytes(key).decode(), newline="")))
 
-    def upsert_csv(self, key: str, fieldnames: tuple[str, ...], rows: list[dict], id_field: str) -> None:
-        """Add ``rows`` to a CSV with header ``fieldnames``, replacing rows whose ``id_field`` matches."""
-        with self.lock(key):
-            new_ids = {r[id_field] for r in rows}
-            kept = [r for r in self.read_csv(key) if r.get(id_field) not in new_ids]
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(fieldnames), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(kept + rows)
-            self.put_bytes(key, buf.getvalue().encode())
+    def publish_sample(self, moves: dict[str, str], document_key: str, document: dict) -> bool:
+        """Commit an accepted sample in constant time: move its staged artifacts (``{staged key: layout key}``)
+        into the layout, then write its record document at ``document_key`` (one atomic write; see
+        ``sparkle.published``). Nothing shared is read or rewritten, so no lock is taken.
 
-    def publish(self, moves: dict[str, str], jsonl: dict[str, list[dict]], csv_rows: dict[str, list[dict]],
-                csv_fields: tuple[str, ...], csv_id: str) -> None:
-        """Commit a sample: move staged artifacts to their layout keys, then add its records and rows.
-
-        Records come last, so a reader that finds a sample's CSV row finds every file it names.
+        Exactly once: the document is written last, so its presence means every move is done, and a
+        re-delivered publish of the same sample is a no-op (returns False; True when this call published).
+        A publish cut short by a crash is completed by running it again: moves already done are skipped.
+        Raises KeyError if a staged artifact is neither staged nor already at its layout key.
         """
+        if self.exists(document_key):
+            return False
         for src, dst in moves.items():
-            self.move(src, dst)
-        for key, records in jsonl.items():
-            self.upsert_jsonl(key, records)
-        for key, rows in csv_rows.items():
-            self.upsert_csv(key, csv_fields, rows, csv_id)
+            if self.exists(src) or not self.exists(dst):
+                self.move(src, dst)
+        self.put_json(document_key, document, compact=True)
+        return True
 
 
 class LocalStore(ArtifactStore):
@@ -161,16 +157,36 @@ class LocalStore(ArtifactStore):
 
     def put_file(self, key: str, path: str | os.PathLike) -> str:
         dst = self.path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
+        fd, tmp = self._temp_next_to(dst)
         os.close(fd)
         try:
             shutil.copyfile(path, tmp)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, dst)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return key
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Write ``data`` to a temp file next to the key's file, then rename it (no copy through a temp dir)."""
+        dst = self.path(key)
+        fd, tmp = self._temp_next_to(dst)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return key
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
 
     def get_file(self, key: str, dest: str | os.PathLike) -> Path:
         src = self.path(key)
@@ -188,8 +204,12 @@ class LocalStore(ArtifactStore):
             return [prefix]
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.endswith((".part", ".lock")))
+        keys = []
+        for folder, _, names in os.walk(base):  # no stat per file: fast on folders of 100 000 samples
+            rel = Path(folder).relative_to(self.root).as_posix()
+            keys += [f"{rel}/{name}" if rel != "." else name for name in names
+                     if not name.endswith((".part", ".lock"))]
+        return sorted(keys)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list_keys(prefix)
@@ -206,8 +226,14 @@ class LocalStore(ArtifactStore):
         s, d = self.path(src), self.path(dst)
         if not s.is_file():
             raise KeyError(src)
-        d.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(s, d)
+        for attempt in range(10):  # a concurrent prune may remove the new folder before the rename
+            try:
+                d.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(s, d)
+                break
+            except (FileNotFoundError, FileExistsError):
+                if attempt == 9 or not s.is_file():
+                    raise
         self._prune_empty_parents(s.parent)
 
     def lock(self, name: str) -> FileLock:
@@ -216,6 +242,25 @@ class LocalStore(ArtifactStore):
         return FileLock(lock_dir / (name.replace("/", "__") + ".lock"), timeout=120)
 
     def _prune_empty_parents(self, d: Path) -> None:
-        while d != self.root and d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
+        """Remove ``d`` and its parents while empty (up to the root). Another thread or process may be
+        pruning or filling the same folders: a folder already gone or no longer empty ends the walk (and
+        writers retry a folder pruned under them, see :meth:`_temp_next_to`)."""
+        while d != self.root:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (ENOTEMPTY/EEXIST), already removed (ENOENT)
+                return
             d = d.parent
+
+    @staticmethod
+    def _temp_next_to(dst: Path) -> tuple[int, str]:
+        """``mkstemp`` in ``dst``'s folder, creating it; retried when a concurrent prune removes the folder
+        between the two steps."""
+        for attempt in range(10):
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                return tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
+            except (FileNotFoundError, FileExistsError):  # pathlib's check of a parent raced a prune
+                if attempt == 9:
+                    raise
+        raise AssertionError("unreachable")

@@ -18,7 +18,7 @@ Keys are the relative POSIX paths of the Sparkle layout (``..``, absolute and em
 ValueError, as :class:`~sparkle.store.LocalStore` does); an optional key prefix puts a whole store under
 ``PREFIX/`` of the bucket (``s3://BUCKET/PREFIX``).
 
-Read-modify-write of shared files (``upsert_jsonl``, ``upsert_csv``, the funnel, sample-id allocation) is guarded
+Read-modify-write of shared files (sample-id counters, dataset state, the funnel; never a publish) is guarded
 by :meth:`S3Store.lock`: a Redis lock on the broker (``SPARKLE_BROKER_URL``) when a Redis URL is given, shared
 by every process of the cluster; otherwise a lock local to this process, only safe with one writer process.
 """
