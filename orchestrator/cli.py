@@ -352,7 +352,7 @@ def enqueue_command(
         long_side, short_side = _parse_size(max_size)
         config = PipelineConfig(conform={"max_long_side": long_side, "max_short_side": short_side,
                                          "max_frames": max_frames})
-        entries = datasets.parse_manifest(manifest.read_text(), "csv" if manifest.suffix.lower() == ".csv" else "jsonl")
+        entries = datasets.ManifestFile(manifest)  # read line by line, twice: never held in memory
         store = resources().store
         if hasattr(store, "ensure_bucket"):
             store.ensure_bucket()

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,7 +29,7 @@ from sparkle.store import ArtifactStore, jsonl_lines
 
 from . import jobs, journey
 from .celery_app import SparkleTask, app, transient_types
-from .local import MAX_PROMPT_CHARS
+from .local import MAX_PROMPT_CHARS, allocate_ids
 from .pipeline import summary
 
 CHUNK = 1000  # manifest entries per samples/{chunk}.jsonl file
@@ -67,42 +68,86 @@ class ManifestEntry(BaseModel):
         return v.strip() if v else v
 
 
+def iter_manifest(lines: Iterable[str], fmt: str = "jsonl") -> Iterator[tuple[int, ManifestEntry | str]]:
+    """``(line number, entry)`` for every entry of a manifest given as lines (``jsonl``: one object per line,
+    split at ``\\n`` only; ``csv``: a header row with the field names, quoted newlines allowed), or
+    ``(line number, problem)`` for a bad one. Streams: one line in memory at a time."""
+    if fmt == "csv":
+        reader = csv.DictReader(lines)
+        for row in reader:
+            yield from _validated_entry(reader.line_num, {k: v for k, v in row.items() if v not in (None, "")})
+        return
+    for n, line in enumerate(lines, start=1):
+        line = line.removesuffix("\n").removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield n, f"line {n}: not JSON ({exc.msg})"
+            continue
+        if not isinstance(obj, dict):
+            yield n, f"line {n}: expected a JSON object"
+            continue
+        yield from _validated_entry(n, obj)
+
+
+def _validated_entry(n: int, obj: dict) -> Iterator[tuple[int, ManifestEntry | str]]:
+    try:
+        yield n, ManifestEntry.model_validate(obj)
+    except ValidationError as exc:
+        why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
+        yield n, f"line {n}: {why}"
+
+
+def _raise_problems(problems: list[str], count: int) -> None:
+    if count:
+        more = f" (and {count - 20} more)" if count > 20 else ""
+        raise InputError("bad manifest: " + "; ".join(problems[:20]) + more)
+
+
 def parse_manifest(text: str, fmt: str = "jsonl") -> list[ManifestEntry]:
-    """Entries of a manifest (``jsonl``: one object per line; ``csv``: a header row with the field names).
+    """Entries of a manifest held in memory (``jsonl`` or ``csv``, see :func:`iter_manifest`).
 
     Raises InputError listing the first 20 bad lines (1-based) and why.
     """
-    rows: list[tuple[int, dict]] = []
-    problems: list[str] = []
-    if fmt == "csv":
-        for n, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
-            rows.append((n, {k: v for k, v in row.items() if v not in (None, "")}))
-    else:
-        for n, line in enumerate(jsonl_lines(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"line {n}: not JSON ({exc.msg})")
-                continue
-            if not isinstance(obj, dict):
-                problems.append(f"line {n}: expected a JSON object")
-                continue
-            rows.append((n, obj))
-    entries = []
-    for n, obj in rows:
-        try:
-            entries.append(ManifestEntry.model_validate(obj))
-        except ValidationError as exc:
-            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
-            problems.append(f"line {n}: {why}")
-    if not problems and not entries:
-        problems.append("the manifest has no entries")
-    if problems:
-        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise InputError("bad manifest: " + "; ".join(problems[:20]) + more)
+    lines = io.StringIO(text, newline="") if fmt == "csv" else text.split("\n")
+    entries, problems, count = [], [], 0
+    for _, item in iter_manifest(lines, fmt):
+        if isinstance(item, str):
+            count += 1
+            problems.append(item) if len(problems) < 20 else None
+        else:
+            entries.append(item)
+    if not count and not entries:
+        problems, count = ["the manifest has no entries"], 1
+    _raise_problems(problems, count)
     return entries
+
+
+class ManifestFile:
+    """A manifest file as a re-iterable of entries, read line by line on every pass (a million-line manifest
+    is never held in memory). A pass that meets bad lines raises InputError listing the first 20, after
+    reading the whole file (so nothing is written on a bad manifest)."""
+
+    def __init__(self, path: Path, fmt: str | None = None):
+        self.path = Path(path)
+        self.fmt = fmt or ("csv" if self.path.suffix.lower() == ".csv" else "jsonl")
+
+    def __iter__(self) -> Iterator[ManifestEntry]:
+        problems, count, entries = [], 0, 0
+        # newline="" keeps CSV's quoted newlines; JSONL lines are split at \n only (not at U+2028).
+        with open(self.path, encoding="utf-8", newline="") as f:
+            for _, item in iter_manifest(f, self.fmt):
+                if isinstance(item, str):
+                    count += 1
+                    problems.append(item) if len(problems) < 20 else None
+                elif not count:
+                    entries += 1
+                    yield item
+        if not count and not entries:
+            problems, count = ["the manifest has no entries"], 1
+        _raise_problems(problems, count)
 
 
 def resolve_path(root: Path | None, relative: str, what: str) -> Path:
@@ -122,31 +167,35 @@ def resolve_path(root: Path | None, relative: str, what: str) -> Path:
     return path
 
 
-def check_entries(entries: list[ManifestEntry], root: Path | None, store: ArtifactStore) -> None:
+def check_entry(e: ManifestEntry, root: Path | None, store: ArtifactStore) -> None:
+    """Check one entry's files. Raises InputError (or ValueError) saying what is wrong."""
+    if (e.video is None) == (e.video_key is None):
+        raise InputError("give exactly one of video (a path) and video_key (a store key)")
+    if e.video is not None:
+        resolve_path(root, e.video, "video")
+    elif not store.exists(e.video_key):
+        raise InputError(f"video_key {e.video_key!r} is not in the store")
+    if e.background is not None and e.background_key is not None:
+        raise InputError("give at most one of background and background_key")
+    if e.background is not None:
+        bg = resolve_path(root, e.background, "background")
+        if bg.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+            raise InputError(f"background {e.background!r} is neither an image nor a video")
+    if e.background_key is not None and not store.exists(e.background_key):
+        raise InputError(f"background_key {e.background_key!r} is not in the store")
+
+
+def check_entries(entries: Iterable[ManifestEntry], root: Path | None, store: ArtifactStore) -> None:
     """Check every entry's files before anything is written. Raises InputError listing the first 20 problems
     (1-based entry numbers)."""
-    problems = []
+    problems, count = [], 0
     for n, e in enumerate(entries, start=1):
         try:
-            if (e.video is None) == (e.video_key is None):
-                raise InputError("give exactly one of video (a path) and video_key (a store key)")
-            if e.video is not None:
-                resolve_path(root, e.video, "video")
-            elif not store.exists(e.video_key):
-                raise InputError(f"video_key {e.video_key!r} is not in the store")
-            if e.background is not None and e.background_key is not None:
-                raise InputError("give at most one of background and background_key")
-            if e.background is not None:
-                bg = resolve_path(root, e.background, "background")
-                if bg.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-                    raise InputError(f"background {e.background!r} is neither an image nor a video")
-            if e.background_key is not None and not store.exists(e.background_key):
-                raise InputError(f"background_key {e.background_key!r} is not in the store")
+            check_entry(e, root, store)
         except (InputError, ValueError) as exc:
-            problems.append(f"entry {n}: {exc}")
-    if problems:
-        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise InputError("bad manifest: " + "; ".join(problems[:20]) + more)
+            count += 1
+            problems.append(f"entry {n}: {exc}") if len(problems) < 20 else None
+    _raise_problems(problems, count)
 
 
 def _dataset_prefix(did: str) -> str:
@@ -155,18 +204,24 @@ def _dataset_prefix(did: str) -> str:
     return f"datasets/{did}/"
 
 
-def create_dataset(store: ArtifactStore, entries: list[ManifestEntry], root: Path | None,
+def create_dataset(store: ArtifactStore, entries: Iterable[ManifestEntry], root: Path | None,
                    config: PipelineConfig | None = None, window: int = 64, name: str | None = None) -> dict:
     """Register a bulk run and give every entry its sample id; returns ``dataset.json``.
 
+    ``entries``: a re-iterable (a list, or a :class:`ManifestFile` read line by line): it is read twice, once
+    to check and hash every entry and once to write them with their ids, ``CHUNK`` lines per
+    ``samples/{chunk}.jsonl``; memory holds one chunk, never the manifest.
+
     Deterministic: the dataset id is the SHA-256 (16 hex digits) of the entries, the root and the config, so
     registering the same manifest again (after a crash of anything) returns the same dataset and ids, and
-    no sample is added twice. Raises InputError (see :func:`check_entries`).
+    no sample is added twice. Resumable: the id allocation is saved (``allocation.json``) before the first
+    chunk, so a registration cut short continues where it stopped, with the same ids. Raises InputError
+    (bad lines, missing files: see :func:`check_entries`; another manifest under the same ``name``).
     """
     config = config or PipelineConfig()
-    body = json.dumps({"entries": [e.model_dump() for e in entries], "root": str(root.resolve()) if root else None,
-                       "config": config.model_dump(mode="json")}, sort_keys=True)
-    did = name or hashlib.sha256(body.encode()).hexdigest()[:16]
+    root_text = str(root.resolve()) if root else None
+    digest, counts, total = _digest_and_check(entries, root, root_text, config, store)
+    did = name or digest[:16]
     try:
         prefix = _dataset_prefix(did)
     except KeyError:
@@ -174,28 +229,63 @@ def create_dataset(store: ArtifactStore, entries: list[ManifestEntry], root: Pat
     with store.lock(f"dataset-{did}"):
         if store.exists(prefix + "dataset.json"):
             existing = store.get_json(prefix + "dataset.json")
-            if existing["sha256"] != hashlib.sha256(body.encode()).hexdigest():
+            if existing["sha256"] != digest:
                 raise InputError(f"dataset {did!r} already exists with another manifest")
             return existing
-        check_entries(entries, root, store)
-        counts: dict[str, int] = {}
-        for e in entries:
-            counts[e.theme] = counts.get(e.theme, 0) + 1
-        next_index = {et: jobs.allocate_ids(store, et, n) for et, n in counts.items()}
-        lines = []
+        allocation_key = prefix + "allocation.json"
+        allocation = store.get_json(allocation_key) if store.exists(allocation_key) else None
+        if allocation is None or allocation.get("sha256") != digest:
+            first = {et: allocate_ids(store, et, n) for et, n in counts.items()}
+            allocation = {"sha256": digest, "first": first}
+            store.put_json(allocation_key, allocation)
+        next_index = dict(allocation["first"])
+        chunk: list[str] = []
+        written = 0
         for e in entries:
             sid = layout.sample_id(e.theme, next_index[e.theme])
             next_index[e.theme] += 1
-            lines.append(json.dumps({"id": sid, **e.model_dump(exclude_none=True)}))
-        for c in range(0, len(lines), CHUNK):
-            store.put_bytes(f"{prefix}samples/{c // CHUNK:06d}.jsonl", ("\n".join(lines[c:c + CHUNK]) + "\n").encode())
+            chunk.append(json.dumps({"id": sid, **e.model_dump(exclude_none=True)}, ensure_ascii=False))
+            if len(chunk) == CHUNK:
+                _put_chunk(store, prefix, written // CHUNK, chunk)
+                written += len(chunk)
+                chunk = []
+        if chunk:
+            _put_chunk(store, prefix, written // CHUNK, chunk)
         store.put_json(prefix + "state.json", {"cursor": 0, "in_flight": [], "counts": {}, "funnel": {},
                                                "done": False, "updated_at": time.time()})
-        doc = {"id": did, "sha256": hashlib.sha256(body.encode()).hexdigest(), "total": len(entries),
-               "by_edit_type": counts, "root": str(root.resolve()) if root else None,
+        doc = {"id": did, "sha256": digest, "total": total, "by_edit_type": counts, "root": root_text,
                "config": config.model_dump(mode="json"), "window": window, "created_at": time.time()}
         store.put_json(prefix + "dataset.json", doc)  # last: its presence means the dataset is complete
     return doc
+
+
+def _digest_and_check(entries: Iterable[ManifestEntry], root: Path | None, root_text: str | None,
+                      config: PipelineConfig, store: ArtifactStore) -> tuple[str, dict[str, int], int]:
+    """One streaming pass: SHA-256 of ``json.dumps({"config", "entries", "root"}, sort_keys=True)`` (the
+    dataset id of every earlier version), entries per theme, and every entry's files checked. Raises
+    InputError listing the first 20 problems."""
+    sha = hashlib.sha256()
+    sha.update(('{"config": ' + json.dumps(config.model_dump(mode="json"), sort_keys=True) + ', "entries": [').encode())
+    counts: dict[str, int] = {}
+    problems, bad, total = [], 0, 0
+    for e in entries:
+        sha.update(((", " if total else "") + json.dumps(e.model_dump(), sort_keys=True)).encode())
+        total += 1
+        counts[e.theme] = counts.get(e.theme, 0) + 1
+        try:
+            check_entry(e, root, store)
+        except (InputError, ValueError) as exc:
+            bad += 1
+            problems.append(f"entry {total}: {exc}") if len(problems) < 20 else None
+    _raise_problems(problems, bad)
+    if not total:
+        raise InputError("bad manifest: the manifest has no entries")
+    sha.update(('], "root": ' + json.dumps(root_text) + "}").encode())
+    return sha.hexdigest(), counts, total
+
+
+def _put_chunk(store: ArtifactStore, prefix: str, index: int, lines: list[str]) -> None:
+    store.put_bytes(f"{prefix}samples/{index:06d}.jsonl", ("\n".join(lines) + "\n").encode())
 
 
 def read_dataset(store: ArtifactStore, did: str) -> dict:
