@@ -42,6 +42,7 @@ test: install-all
 bench: install-all
 	$(BIN)/python benchmarks/camera_filter.py
 	$(BIN)/python benchmarks/bait_stability.py
+	$(BIN)/python benchmarks/publish_scale.py
 	$(BIN)/python benchmarks/distributed.py
 
 clean:

@@ -8,8 +8,18 @@
    GPU-seconds x ``--scale`` (control synthesis 600 s -> 2 s at 1/300), one worker per service, a bounded
    window of samples in flight. Busy fraction = summed call time / (last call end - first call start), from
    the start and end times the service workers record with every answer. Target: >= 0.95.
+3. A balanced bulk run: every service's replica count follows the capacity plan (``sparkle capacity``) for a
+   target rate, and every call sleeps the plan's GPU-seconds x ``--balanced-scale``. Replicas are threads of
+   one worker per service (the doubles only sleep). The plan is made for this run's funnel: the doubles accept
+   every sample (every gate keeps 1.0), every entry brings its prompt (``--prompts-given 1``), and the
+   replicas are saturated (utilisation 1.0). Reported, over the steady window (from one control-call duration
+   after the first control call starts, until the last sample enters its first GPU call): the busy fraction
+   of every service (busy replica-seconds / (replicas x window)) and the throughput against the plan's
+   prediction (its target rate, in real time: rate / scale). Targets: every service >= 0.90, throughput
+   within 10 %.
 
-    .venv/bin/python benchmarks/distributed.py [--samples 12] [--window 6] [--scale 0.00333]
+    .venv/bin/python benchmarks/distributed.py [--part all|overhead|bulk|balanced] [--samples 12] [--window 6]
+        [--scale 0.00333] [--balanced-rate 26000] [--balanced-scale 0.2] [--balanced-samples 600]
 
 Infrastructure: a private redis-server and a local-directory store (``local:DIR``), so store latency is a
 filesystem's, not MinIO's.
@@ -29,7 +39,8 @@ import typer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparkle.backends import load_backends  # noqa: E402
+from sparkle.backends import SERVICES, load_backends  # noqa: E402
+from sparkle.capacity import GATES, plan  # noqa: E402
 from sparkle.config import PipelineConfig  # noqa: E402
 from sparkle.orchestrator import jobs, journey  # noqa: E402
 from sparkle.orchestrator.celery_app import make_app  # noqa: E402
@@ -64,8 +75,8 @@ def op_results(redis_url: str) -> list[dict]:
     for key in r.scan_iter("celery-task-meta-*"):
         meta = json.loads(r.get(key))
         if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict) and "worker" in meta["result"]:
-            service = meta["task_id"].split(".")[1]
-            out.append({"service": service, **meta["result"]["worker"]})
+            _, service, op = meta["task_id"].split(".")[:3]
+            out.append({"service": service, "op": op, **meta["result"]["worker"]})
     return out
 
 
@@ -74,16 +85,47 @@ def busy_fraction(calls: list[dict]) -> float:
     return sum(c["ended"] - c["started"] for c in calls) / span if span > 0 else 1.0
 
 
-def main(samples: int = typer.Option(12, "--samples", min=2), window: int = typer.Option(6, "--window", min=1),
+def main(part: str = typer.Option("all", "--part", help="all, overhead, bulk or balanced"),
+         samples: int = typer.Option(12, "--samples", min=2), window: int = typer.Option(6, "--window", min=1),
          scale: float = typer.Option(1 / 300, "--scale", help="x capacity-plan GPU-seconds per call"),
-         overhead_samples: int = typer.Option(5, "--overhead-samples", min=1)) -> None:
+         overhead_samples: int = typer.Option(5, "--overhead-samples", min=1),
+         balanced_rate: int = typer.Option(26_000, "--balanced-rate", help="plan target, accepted pairs per day"),
+         balanced_scale: float = typer.Option(0.2, "--balanced-scale", help="x plan GPU-seconds per call"),
+         balanced_samples: int = typer.Option(600, "--balanced-samples", min=10),
+         balanced_window: int = typer.Option(300, "--balanced-window", min=1)) -> None:
+    if part not in ("all", "overhead", "bulk", "balanced"):
+        raise typer.BadParameter("--part is all, overhead, bulk or balanced")
     with tempfile.TemporaryDirectory(prefix="sparkle-bench-") as tmp:
         tmp = Path(tmp)
         with redis_server() as url:
-            run(tmp, url, samples, window, scale, overhead_samples)
+            if part in ("all", "overhead"):
+                overhead(tmp, url, overhead_samples)
+            if part in ("all", "bulk"):
+                bulk(tmp, url, samples, window, scale)
+            if part in ("all", "balanced"):
+                balanced(tmp, url, balanced_rate, balanced_scale, balanced_samples, balanced_window)
 
 
-def run(tmp: Path, redis_base: str, samples: int, window: int, scale: float, overhead_samples: int) -> None:
+def enqueue(c: Cluster, tmp: Path, samples: int, window: int, poll_s: float, prompts: bool = True) -> tuple[dict, float]:
+    """``sparkle enqueue`` a manifest of ``samples`` copies of the clip; returns its final status and wall (s)."""
+    inputs = tmp / "inputs"
+    inputs.mkdir(exist_ok=True)
+    (inputs / CLIP.name).write_bytes(CLIP.read_bytes())
+    manifest = inputs / f"manifest-{samples}.jsonl"
+    manifest.write_text("".join(json.dumps({"video": CLIP.name, **({"prompt": f"{PROMPT}, variant {i}"} if prompts
+                                                                   else {"theme": "location"})}) + "\n"
+                                for i in range(samples)))
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(Path(sys.executable).with_name("sparkle")), "enqueue", str(manifest), "--window",
+                           str(window), "--max-size", "320x192", "--max-frames", "17", "--poll-s", str(poll_s),
+                           "--json"], env=c.env, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr)
+    return json.loads(proc.stdout), wall
+
+
+def overhead(tmp: Path, redis_base: str, overhead_samples: int) -> None:
     # --- 1. orchestration overhead, zero-latency services ---------------------------------------------
     backends = load_backends(DOUBLES, {s: {} for s in ("grounding", "image_edit", "i2v", "tracking", "control",
                                                           "editscore")})
@@ -118,29 +160,17 @@ def run(tmp: Path, redis_base: str, samples: int, window: int, scale: float, ove
     print(f"  overhead                {(remote_s - local_s) * 1000:8.0f} ms per sample "
           f"(distributed / in-process = {remote_s / local_s:.2f}x)")
 
+
+def bulk(tmp: Path, redis_base: str, samples: int, window: int, scale: float) -> None:
     # --- 2. busy fraction of the slowest service in a bulk run ------------------------------------------
     broker = f"{redis_base}/2"
     store_url = f"local:{tmp / 'store2'}"
     env = {"SPARKLE_BROKER_URL": broker, "SPARKLE_STORE_URL": store_url}
-    store, app = LocalStore(tmp / "store2"), make_app(DistributedSettings(broker_url=broker, store_url=store_url))
     with Cluster(env, tmp / "logs2") as c:
         c.worker("cpu", [CPU_QUEUE], "--pool", "threads", "--concurrency", str(max(4, window)))
         for q in SERVICE_QUEUES.values():
             c.worker(q.split(".")[1], [q], "--backend", DOUBLES, "--option", f"scale={scale}", "--concurrency", "1")
-        inputs = tmp / "inputs"
-        inputs.mkdir()
-        (inputs / CLIP.name).write_bytes(CLIP.read_bytes())
-        manifest = inputs / "manifest.jsonl"
-        manifest.write_text("".join(json.dumps({"video": CLIP.name, "prompt": f"{PROMPT}, variant {i}"}) + "\n"
-                                    for i in range(samples)))
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(Path(sys.executable).with_name("sparkle")), "enqueue", str(manifest), "--window",
-                               str(window), "--max-size", "320x192", "--max-frames", "17", "--poll-s", "0.1",
-                               "--json"], env=c.env, capture_output=True, text=True, timeout=1800)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr)
-        status = json.loads(proc.stdout)
+        status, wall = enqueue(c, tmp, samples, window, 0.1)
         calls = op_results(broker)
     by_service: dict[str, list[dict]] = {}
     for call in calls:
@@ -155,6 +185,50 @@ def run(tmp: Path, redis_base: str, samples: int, window: int, scale: float, ove
     slowest = max(by_service, key=lambda s: sum(c["ended"] - c["started"] for c in by_service[s]))
     frac = busy_fraction(by_service[slowest])
     print(f"slowest service: {slowest}, busy fraction {frac:.3f} (target >= 0.95: {'met' if frac >= 0.95 else 'MISSED'})")
+
+
+def balanced(tmp: Path, redis_base: str, rate: int, scale: float, samples: int, window: int) -> None:
+    # --- 3. a balanced bulk run: replicas from the capacity plan -----------------------------------------
+    p = plan(accepted=rate, days=1.0, utilisation=1.0, keep={g[0]: 1.0 for g in GATES}, prompts_given=1.0)
+    replicas = {svc: p["services"][svc]["gpus_rounded"] for svc in SERVICES}
+    predicted = rate / 86_400 / scale  # samples per real second
+    broker = f"{redis_base}/3"
+    store_url = f"local:{tmp / 'store3'}"
+    env = {"SPARKLE_BROKER_URL": broker, "SPARKLE_STORE_URL": store_url}
+    print(f"\nbalanced bulk run: plan for {rate:,} accepted pairs a day (every gate keeps all, prompts given, "
+          f"utilisation 1.0) -> replicas {replicas}; calls sleep plan GPU-s x {scale:g}; {samples} samples, "
+          f"window {window}; plan predicts {predicted:.3f} samples/s", flush=True)
+    with Cluster(env, tmp / "logs3") as c:
+        c.worker("cpu", [CPU_QUEUE], "--pool", "threads", "--concurrency", str(window + 16), ready_s=120)
+        for svc, n in replicas.items():
+            q = SERVICE_QUEUES[svc]
+            c.worker(svc, [q], "--backend", DOUBLES, "--option", f"scale={scale}", "--pool", "threads",
+                     "--concurrency", str(n), ready_s=120)
+        status, wall = enqueue(c, tmp, samples, window, 1.0)
+        calls = op_results(broker)
+    control_s = scale * next(c["gpu_s"] for c in p["calls"] if c["call"] == "control.synthesize")
+    t_a = min(c["started"] for c in calls if c["service"] == "control") + control_s
+    t_b = max(c["started"] for c in calls if c["op"] == "camera_check")
+    span = t_b - t_a
+    if span <= control_s:
+        raise SystemExit(f"the steady window is {span:.0f} s, shorter than one control call ({control_s:.0f} s): "
+                         "run more --balanced-samples")
+    done = sum(1 for c in calls if c["service"] == "control" and t_a <= c["ended"] <= t_b)
+    print(f"  {status['counts']} in {wall:.0f} s; steady window {span:.0f} s "
+          f"({span / control_s:.1f} control-call durations)")
+    print(f"  {'service':<11} {'replicas':>8} {'calls':>6} {'busy fraction':>14}")
+    fractions = {}
+    for svc, n in replicas.items():
+        busy = sum(max(0.0, min(c["ended"], t_b) - max(c["started"], t_a)) for c in calls if c["service"] == svc)
+        fractions[svc] = busy / (n * span)
+        print(f"  {svc:<11} {n:>8} {sum(c['service'] == svc for c in calls):>6} {fractions[svc]:>14.3f}")
+    measured = done / span
+    print(f"  throughput {measured:.3f} samples/s in the steady window, plan {predicted:.3f}: ratio "
+          f"{measured / predicted:.3f}")
+    worst = min(fractions, key=fractions.get)
+    ok = fractions[worst] >= 0.90 and abs(measured / predicted - 1) <= 0.10
+    print(f"balanced run: least busy service {worst} at {fractions[worst]:.3f}, throughput / plan "
+          f"{measured / predicted:.3f} (targets >= 0.90 and within 10 %: {'met' if ok else 'MISSED'})")
 
 
 if __name__ == "__main__":

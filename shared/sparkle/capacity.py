@@ -89,15 +89,28 @@ def _reach(gates: list[tuple[str, float, str]]) -> dict[str, float]:
     return reach
 
 
+WRITTEN_ONLY_WITHOUT_PROMPT = {"grounding.write_instruction"}
+"""Calls made only for manifest entries without a prompt (the catalogue's instruction is written for them)."""
+
+
 def plan(accepted: int = DEFAULT_ACCEPTED, days: float = DEFAULT_DAYS, utilisation: float = DEFAULT_UTILISATION,
-         seconds: dict[str, float] | None = None, keep: dict[str, float] | None = None) -> dict:
-    """The capacity plan as data: per service GPU-seconds per accepted pair and GPUs, early vs late rejection."""
+         seconds: dict[str, float] | None = None, keep: dict[str, float] | None = None,
+         prompts_given: float = 0.0) -> dict:
+    """The capacity plan as data: per service GPU-seconds per accepted pair and GPUs, early vs late rejection.
+
+    ``prompts_given``: share (0..1) of manifest entries that bring their own prompt; those skip
+    ``grounding.write_instruction`` (0, the default, is dataset generation: every instruction is written).
+    Raises ValueError for unknown call or gate names or a share outside 0..1.
+    """
     seconds, keep = seconds or {}, keep or {}
+    if not 0.0 <= prompts_given <= 1.0:
+        raise ValueError(f"prompts_given is a share in 0..1, got {prompts_given}")
     unknown = (set(seconds) - {c.name for c in CALLS}) | (set(keep) - {g[0] for g in GATES})
     if unknown:
         raise ValueError(f"unknown call or gate names: {sorted(unknown)}")
     gates = [(n, keep.get(n, k), src) for n, k, src in GATES]
-    calls = [Call(c.name, seconds.get(c.name, c.seconds), c.after, c.source) for c in CALLS]
+    calls = [Call(c.name, seconds.get(c.name, c.seconds) * (1.0 - prompts_given if c.name in WRITTEN_ONLY_WITHOUT_PROMPT
+                                                         else 1.0), c.after, c.source) for c in CALLS]
     reach = _reach(gates)
     acceptance = reach[gates[-1][0]]
     raw = accepted / acceptance
@@ -117,7 +130,7 @@ def plan(accepted: int = DEFAULT_ACCEPTED, days: float = DEFAULT_DAYS, utilisati
         rows[service] = {"gpu_s_per_accepted": early, "share_on_rejected": wasted, "gpu_s_per_accepted_gates_at_end": late,
                          "gpu_hours": early * accepted / 3600.0, "gpus": gpus, "gpus_rounded": math.ceil(gpus),
                          "gpus_gates_at_end": math.ceil(late * accepted / (wall * utilisation))}
-    return {"accepted": accepted, "days": days, "utilisation": utilisation,
+    return {"accepted": accepted, "days": days, "utilisation": utilisation, "prompts_given": prompts_given,
             "acceptance_from_raw": acceptance, "stage1_keep": stage1, "raw_clips": raw,
             "accepted_per_hour": accepted / (wall / 3600.0),
             "gates": [{"gate": n, "keep": k, "reach_after": reach[n], "source": s} for n, k, s in gates],
@@ -178,13 +191,15 @@ def capacity_command(
     seconds: list[str] = typer.Option([], "--seconds", help="GPU-seconds of a call, e.g. i2v.animate=75 "
                                       "(repeatable; names in `--json` output)"),
     keep: list[str] = typer.Option([], "--keep", help="share a gate keeps, e.g. video=0.5 (repeatable)"),
+    prompts_given: float = typer.Option(0.0, "--prompts-given", help="share of entries with their own prompt "
+                                        "(they skip grounding.write_instruction); 0 = every instruction written"),
     as_json: bool = typer.Option(False, "--json", help="the plan as JSON"),
 ) -> None:
     """GPUs per model service for a dataset target, from assumed per-call GPU-seconds and gate acceptance rates."""
     if accepted < 1 or days <= 0 or not 0 < utilisation <= 1:
         raise typer.BadParameter("--accepted >= 1, --days > 0 and 0 < --utilisation <= 1")
     try:
-        p = plan(accepted, days, utilisation, _pairs(seconds, "--seconds"), _pairs(keep, "--keep"))
+        p = plan(accepted, days, utilisation, _pairs(seconds, "--seconds"), _pairs(keep, "--keep"), prompts_given)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(json.dumps(p, indent=2) if as_json else format_plan(p))

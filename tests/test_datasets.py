@@ -1,0 +1,114 @@
+"""Registering bulk runs at scale (orchestrator/datasets.py): streamed manifests, stable dataset ids,
+resumable registration, bounded progress documents."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tracemalloc
+
+import pytest
+
+from sparkle import layout
+from sparkle.capacity import plan
+from sparkle.config import PipelineConfig
+from sparkle.errors import InputError
+from sparkle.orchestrator import datasets
+from sparkle.store import LocalStore
+
+
+def write_manifest(path, n: int, prompt: str = "Replace the background with a beach\u2028at dusk") -> None:
+    (path.parent / "clip.mp4").write_bytes(b"not decoded at registration")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"video": "clip.mp4", "prompt": f"{prompt} {i}",
+                                "theme": ("location", "season")[i % 2]}, ensure_ascii=False) + "\n")
+
+
+def test_the_dataset_id_is_the_one_earlier_versions_computed(tmp_path):
+    write_manifest(tmp_path / "m.jsonl", 30)
+    entries = datasets.parse_manifest((tmp_path / "m.jsonl").read_text(encoding="utf-8"))
+    config = PipelineConfig()
+    body = json.dumps({"entries": [e.model_dump() for e in entries], "root": str(tmp_path.resolve()),
+                       "config": config.model_dump(mode="json")}, sort_keys=True)  # the old, in-memory recipe
+    ds = datasets.create_dataset(LocalStore(tmp_path / "s"), datasets.ManifestFile(tmp_path / "m.jsonl"), tmp_path,
+                                 config)
+    assert ds["id"] == hashlib.sha256(body.encode()).hexdigest()[:16] and ds["total"] == 30
+    assert ds["by_edit_type"] == {"location": 15, "season": 15}
+
+
+class FailingStore(LocalStore):
+    """Fails the write of manifest chunk ``fail_at`` once (a crash of the registering process)."""
+
+    def __init__(self, root, fail_at: int):
+        super().__init__(root)
+        self.fail_at = fail_at
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        if key.endswith(f"samples/{self.fail_at:06d}.jsonl"):
+            self.fail_at = -1
+            raise ConnectionError("store went away")
+        return super().put_bytes(key, data)
+
+
+def test_an_interrupted_registration_resumes_with_the_same_ids(tmp_path):
+    write_manifest(tmp_path / "m.jsonl", 2 * datasets.CHUNK + 10)
+    store = FailingStore(tmp_path / "s", fail_at=1)
+    manifest = datasets.ManifestFile(tmp_path / "m.jsonl")
+    with pytest.raises(ConnectionError):
+        datasets.create_dataset(store, manifest, tmp_path)
+    [dataset_dir] = (tmp_path / "s" / "datasets").iterdir()
+    assert not (dataset_dir / "dataset.json").exists()  # not registered: nothing will be submitted
+    ds = datasets.create_dataset(store, manifest, tmp_path)
+    ids = datasets.dataset_samples(store, ds["id"])
+    assert len(ids) == ds["total"] == len(set(ids))
+    by_theme = {et: sorted(layout.parse_sample_id(i)[1] for i in ids if i.startswith(f"Sparkle_{et}_"))
+                for et in ("location", "season")}
+    assert by_theme == {et: list(range(len(v))) for et, v in by_theme.items()}  # the first allocation, reused
+    assert store.get_json("jobs/ids/location.json") == {"next": len(by_theme["location"])}
+    assert datasets.create_dataset(store, manifest, tmp_path) == ds  # registered once
+
+
+def test_a_bad_line_anywhere_writes_nothing(tmp_path):
+    write_manifest(tmp_path / "m.jsonl", 50)
+    with open(tmp_path / "m.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"video": "missing.mp4"}\n{"video": "clip.mp4", "theme": "winter"}\nnot json\n')
+    store = LocalStore(tmp_path / "s")
+    with pytest.raises(InputError) as exc:
+        datasets.create_dataset(store, datasets.ManifestFile(tmp_path / "m.jsonl"), tmp_path)
+    assert "line 52: theme" in str(exc.value) and "line 53: not JSON" in str(exc.value)
+    assert store.list_keys("") == []
+
+
+def test_registration_memory_does_not_grow_with_the_manifest(tmp_path):
+    """Peak Python allocations while registering 2 000 and 8 000 entries: a streamed manifest holds one chunk."""
+    peaks = []
+    for n in (2000, 8000):
+        write_manifest(tmp_path / f"m{n}.jsonl", n)
+        store = LocalStore(tmp_path / f"s{n}")
+        tracemalloc.start()
+        datasets.create_dataset(store, datasets.ManifestFile(tmp_path / f"m{n}.jsonl"), tmp_path)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0], peaks  # four times the entries, not four times the memory
+
+
+def test_the_progress_document_stays_small(tmp_path):
+    """state.json holds the cursor, the window in flight, counts and the funnel: never the manifest."""
+    write_manifest(tmp_path / "m.jsonl", 3000)
+    store = LocalStore(tmp_path / "s")
+    ds = datasets.create_dataset(store, datasets.ManifestFile(tmp_path / "m.jsonl"), tmp_path, window=8)
+    state = store.get_bytes(f"datasets/{ds['id']}/state.json")
+    assert len(state) < 500
+    sizes = [len(store.get_bytes(k)) for k in store.list_keys(f"datasets/{ds['id']}/samples/")]
+    assert len(sizes) == 3 and max(sizes) < 200 * datasets.CHUNK  # one chunk is the largest object
+
+
+def test_the_plan_counts_write_instruction_only_for_entries_without_a_prompt():
+    written = plan(prompts_given=0.0)["services"]["grounding"]["gpu_s_per_accepted"]
+    given = plan(prompts_given=1.0)["services"]["grounding"]["gpu_s_per_accepted"]
+    half = plan(prompts_given=0.5)["services"]["grounding"]["gpu_s_per_accepted"]
+    assert given < half < written and half == pytest.approx((written + given) / 2)
+    assert plan(prompts_given=1.0)["services"]["control"] == plan()["services"]["control"]
+    with pytest.raises(ValueError, match="0..1"):
+        plan(prompts_given=1.5)
