@@ -155,12 +155,12 @@ class LocalStore(ArtifactStore):
             raise ValueError(f"invalid artifact key {key!r}")
         return self.root.joinpath(*pure.parts)
 
-    def put_file(self, key: str, path: str | os.PathLike) -> str:
+    def _commit(self, key: str, write) -> str:
+        """Write ``key`` through a temp file next to it (``write(fd, temp_path)`` fills it), then rename."""
         dst = self.path(key)
         fd, tmp = self._temp_next_to(dst)
-        os.close(fd)
         try:
-            shutil.copyfile(path, tmp)
+            write(fd, tmp)
             os.chmod(tmp, 0o644)
             os.replace(tmp, dst)
         except BaseException:
@@ -168,19 +168,20 @@ class LocalStore(ArtifactStore):
             raise
         return key
 
+    def put_file(self, key: str, path: str | os.PathLike) -> str:
+        def write(fd: int, tmp: str) -> None:
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+
+        return self._commit(key, write)
+
     def put_bytes(self, key: str, data: bytes) -> str:
         """Write ``data`` to a temp file next to the key's file, then rename it (no copy through a temp dir)."""
-        dst = self.path(key)
-        fd, tmp = self._temp_next_to(dst)
-        try:
+        def write(fd: int, tmp: str) -> None:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return key
+
+        return self._commit(key, write)
 
     def get_bytes(self, key: str) -> bytes:
         try:
