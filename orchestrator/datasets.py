@@ -100,10 +100,39 @@ def _validated_entry(n: int, obj: dict) -> Iterator[tuple[int, ManifestEntry | s
         yield n, f"line {n}: {why}"
 
 
-def _raise_problems(problems: list[str], count: int) -> None:
-    if count:
-        more = f" (and {count - 20} more)" if count > 20 else ""
-        raise InputError("bad manifest: " + "; ".join(problems[:20]) + more)
+class _Problems:
+    """What is wrong with a manifest: counts every problem, keeps the first 20 for the message."""
+
+    def __init__(self):
+        self.first: list[str] = []
+        self.count = 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.first) < 20:
+            self.first.append(problem)
+
+    def raise_any(self) -> None:
+        """Raises InputError listing the first 20 problems, if there is one."""
+        if self.count:
+            more = f" (and {self.count - 20} more)" if self.count > 20 else ""
+            raise InputError("bad manifest: " + "; ".join(self.first) + more)
+
+
+def _entries(lines: Iterable[str], fmt: str) -> Iterator[ManifestEntry]:
+    """The entries of a manifest's lines, streamed; once a bad line is met, the rest is only checked. Raises
+    InputError at the end listing the first 20 bad lines (1-based) and why, or when there is no entry."""
+    problems = _Problems()
+    entries = 0
+    for _, item in iter_manifest(lines, fmt):
+        if isinstance(item, str):
+            problems.add(item)
+        elif not problems.count:
+            entries += 1
+            yield item
+    if not problems.count and not entries:
+        problems.add("the manifest has no entries")
+    problems.raise_any()
 
 
 def parse_manifest(text: str, fmt: str = "jsonl") -> list[ManifestEntry]:
@@ -111,18 +140,7 @@ def parse_manifest(text: str, fmt: str = "jsonl") -> list[ManifestEntry]:
 
     Raises InputError listing the first 20 bad lines (1-based) and why.
     """
-    lines = io.StringIO(text, newline="") if fmt == "csv" else text.split("\n")
-    entries, problems, count = [], [], 0
-    for _, item in iter_manifest(lines, fmt):
-        if isinstance(item, str):
-            count += 1
-            problems.append(item) if len(problems) < 20 else None
-        else:
-            entries.append(item)
-    if not count and not entries:
-        problems, count = ["the manifest has no entries"], 1
-    _raise_problems(problems, count)
-    return entries
+    return list(_entries(io.StringIO(text, newline="") if fmt == "csv" else text.split("\n"), fmt))
 
 
 class ManifestFile:
@@ -135,19 +153,9 @@ class ManifestFile:
         self.fmt = fmt or ("csv" if self.path.suffix.lower() == ".csv" else "jsonl")
 
     def __iter__(self) -> Iterator[ManifestEntry]:
-        problems, count, entries = [], 0, 0
         # newline="" keeps CSV's quoted newlines; JSONL lines are split at \n only (not at U+2028).
         with open(self.path, encoding="utf-8", newline="") as f:
-            for _, item in iter_manifest(f, self.fmt):
-                if isinstance(item, str):
-                    count += 1
-                    problems.append(item) if len(problems) < 20 else None
-                elif not count:
-                    entries += 1
-                    yield item
-        if not count and not entries:
-            problems, count = ["the manifest has no entries"], 1
-        _raise_problems(problems, count)
+            yield from _entries(f, self.fmt)
 
 
 def resolve_path(root: Path | None, relative: str, what: str) -> Path:
@@ -185,19 +193,6 @@ def check_entry(e: ManifestEntry, root: Path | None, store: ArtifactStore) -> No
         raise InputError(f"background_key {e.background_key!r} is not in the store")
 
 
-def check_entries(entries: Iterable[ManifestEntry], root: Path | None, store: ArtifactStore) -> None:
-    """Check every entry's files before anything is written. Raises InputError listing the first 20 problems
-    (1-based entry numbers)."""
-    problems, count = [], 0
-    for n, e in enumerate(entries, start=1):
-        try:
-            check_entry(e, root, store)
-        except (InputError, ValueError) as exc:
-            count += 1
-            problems.append(f"entry {n}: {exc}") if len(problems) < 20 else None
-    _raise_problems(problems, count)
-
-
 def _dataset_prefix(did: str) -> str:
     if not did or "/" in did or set(did) == {"."}:
         raise KeyError(did)
@@ -216,7 +211,7 @@ def create_dataset(store: ArtifactStore, entries: Iterable[ManifestEntry], root:
     registering the same manifest again (after a crash of anything) returns the same dataset and ids, and
     no sample is added twice. Resumable: the id allocation is saved (``allocation.json``) before the first
     chunk, so a registration cut short continues where it stopped, with the same ids. Raises InputError
-    (bad lines, missing files: see :func:`check_entries`; another manifest under the same ``name``).
+    (bad lines, missing files: see :func:`check_entry`; another manifest under the same ``name``).
     """
     config = config or PipelineConfig()
     root_text = str(root.resolve()) if root else None
@@ -267,7 +262,7 @@ def _digest_and_check(entries: Iterable[ManifestEntry], root: Path | None, root_
     sha = hashlib.sha256()
     sha.update(('{"config": ' + json.dumps(config.model_dump(mode="json"), sort_keys=True) + ', "entries": [').encode())
     counts: dict[str, int] = {}
-    problems, bad, total = [], 0, 0
+    problems, total = _Problems(), 0
     for e in entries:
         sha.update(((", " if total else "") + json.dumps(e.model_dump(), sort_keys=True)).encode())
         total += 1
@@ -275,9 +270,8 @@ def _digest_and_check(entries: Iterable[ManifestEntry], root: Path | None, root_
         try:
             check_entry(e, root, store)
         except (InputError, ValueError) as exc:
-            bad += 1
-            problems.append(f"entry {total}: {exc}") if len(problems) < 20 else None
-    _raise_problems(problems, bad)
+            problems.add(f"entry {total}: {exc}")
+    problems.raise_any()
     if not total:
         raise InputError("bad manifest: the manifest has no entries")
     sha.update(('], "root": ' + json.dumps(root_text) + "}").encode())

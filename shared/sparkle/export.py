@@ -59,7 +59,7 @@ from rich.table import Table
 
 from . import layout
 from .errors import SparkleError
-from .published import LayoutError, StagedLayout, adopt_legacy, published_ids, stage_layout
+from .published import LayoutError, StagedLayout, adopted_ids, stage_layout
 from .store import ArtifactStore, LocalStore
 
 SHARD_KINDS = ("source_video", "edited_video")
@@ -140,7 +140,7 @@ def export_dataset(store: ArtifactStore, out: Path, edit_types: list[str] | None
         raise ValueError(f"shard_bytes must be at least 1, got {shard_bytes}")
     if not loose_media and not shards:
         raise ValueError("loose_media=False needs shards=True: the videos would be written nowhere")
-    plans = [_plan_theme(store, et, intermediate) for et in _themes(store, edit_types)]
+    plans = [_plan_theme(store, et, ids, intermediate) for et, ids in _themes(store, edit_types).items()]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,20 +193,13 @@ def export_dataset(store: ArtifactStore, out: Path, edit_types: list[str] | None
 
 def _stage_text(store: ArtifactStore, plan: _ThemePlan, out: Path, intermediate: bool, force: bool) -> StagedLayout:
     """The theme's CSV and JSONL files staged in ``out`` (all seven; without ``intermediate`` only the CSV and
-    the metadata are kept). Raises ExportError for a malformed or vanished document."""
+    the metadata are written). Raises ExportError for a malformed or vanished document."""
     try:
-        text = stage_layout(store, plan.edit_type, out, plan.ids, incremental=not force)
+        return stage_layout(store, plan.edit_type, out, plan.ids, incremental=not force, records=intermediate)
     except LayoutError as exc:
         raise ExportError(str(exc)) from None
     except KeyError as exc:
         raise ExportError(f"the record document {exc} disappeared from the store during the export") from None
-    if not intermediate:
-        for key in layout.layout_files(plan.edit_type)[2:]:
-            tmp = text.temps.pop(key, None)
-            if tmp is not None:
-                text.bytes -= tmp.stat().st_size
-                tmp.unlink()
-    return text
 
 
 def export_command(
@@ -273,30 +266,30 @@ def _open_store(url: str) -> ArtifactStore:
     return store
 
 
-def _themes(store: ArtifactStore, edit_types: list[str] | None) -> list[str]:
-    """The themes to export, in EDIT_TYPES order: those with published samples (after adopting a legacy
-    layout). Raises ValueError/ExportError (see export_dataset)."""
+def _themes(store: ArtifactStore, edit_types: list[str] | None) -> dict[str, list[str]]:
+    """The themes to export, in EDIT_TYPES order, with their published ids (listed once, after adopting a
+    legacy layout: the documents are the commit point). Raises ValueError/ExportError (see export_dataset)."""
     for et in edit_types or []:
         layout.check_edit_type(et)
-    found = []
-    for et in edit_types or layout.EDIT_TYPES:
+    found = {}
+    for et in layout.EDIT_TYPES:
+        if edit_types is not None and et not in edit_types:
+            continue
         try:
-            adopt_legacy(store, et)
+            ids = adopted_ids(store, et)
         except LayoutError as exc:
             raise ExportError(str(exc)) from None
-        if published_ids(store, et):
-            found.append(et)
+        if ids:
+            found[et] = ids
         elif edit_types is not None:
             raise ExportError(f"no published samples of theme {et!r} in the store: no {layout.PUBLISHED_PREFIX}{et}/*.json")
     if not found:
         raise ExportError("no published samples in the store: no published/{edit_type}/*.json record documents")
-    return [et for et in layout.EDIT_TYPES if et in found]
+    return found
 
 
-def _plan_theme(store: ArtifactStore, et: str, intermediate: bool) -> _ThemePlan:
-    """List the theme's published ids (first: the documents are the commit point) and its files' sizes; check
-    every sample has its source and edited video."""
-    ids = published_ids(store, et)
+def _plan_theme(store: ArtifactStore, et: str, ids: list[str], intermediate: bool) -> _ThemePlan:
+    """The theme's files' sizes for the published ``ids``; checks every sample has its source and edited video."""
     plan = _ThemePlan(et, ids)
     for kind, key_of in (("source_video", layout.source_video), ("edited_video", layout.edited_video)):
         sizes = _sizes_under(store, f"{et}/{kind}/")

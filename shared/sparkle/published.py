@@ -35,7 +35,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from . import layout
@@ -153,30 +153,32 @@ def published_documents(store: ArtifactStore, edit_type: str) -> Iterator[dict]:
 
 # --- legacy stores -------------------------------------------------------------------------------------------
 
-def adopt_legacy(store: ArtifactStore, edit_type: str) -> int:
+def adopt_legacy(store: ArtifactStore, edit_type: str, ids: list[str] | None = None) -> int:
     """Write a record document for every row of a legacy ``prompts/{et}_train.csv`` in ``store`` that has
     none, from the lines of the old metadata and record JSONL files (the last line of an id wins, as the old
-    export read them). Returns how many documents were written (0 for a store without legacy rows: a
-    materialised CSV names only published samples). Idempotent.
+    export read them). ``ids``: the theme's published ids if the caller has listed them already. Returns how
+    many documents were written (0 for a store without legacy rows: a materialised CSV names only published
+    samples, so a folder of the embedded default pays one streaming read of its CSV). Idempotent.
 
     Raises LayoutError: a row that is not a sample of the theme, names other videos, or has no metadata line.
-    Reads the legacy files whole (they are as large as the old publish made them; this runs once).
+    The CSV is streamed; the old JSONL files are read whole only when there are rows to adopt (once).
     """
     csv_key = layout.prompts_csv(edit_type)
     if not store.exists(csv_key):
         return 0
-    have = set(published_ids(store, edit_type))
+    have = set(published_ids(store, edit_type) if ids is None else ids)
     rows: dict[str, dict] = {}
-    for row in store.read_csv(csv_key):
-        sid = row.get("task") or ""
-        try:
-            et, _ = layout.parse_sample_id(sid)
-        except ValueError:
-            et = None
-        if et != edit_type:
-            raise LayoutError(f"{csv_key}: task {sid!r} is not a sample id of theme {edit_type!r}")
-        if sid not in have:
-            rows[sid] = {col: row.get(col) or "" for col in layout.CSV_COLUMNS}
+    with _readable(store, csv_key) as path, open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            sid = row.get("task") or ""
+            try:
+                et, _ = layout.parse_sample_id(sid)
+            except ValueError:
+                et = None
+            if et != edit_type:
+                raise LayoutError(f"{csv_key}: task {sid!r} is not a sample id of theme {edit_type!r}")
+            if sid not in have:
+                rows[sid] = {col: row.get(col) or "" for col in layout.CSV_COLUMNS}
     if not rows:
         return 0
 
@@ -196,6 +198,22 @@ def adopt_legacy(store: ArtifactStore, edit_type: str) -> int:
     for doc in docs:  # all checked first: a bad legacy row adopts nothing
         store.put_json(layout.document(edit_type, doc["id"]), doc, compact=True)
     return len(docs)
+
+
+def adopted_ids(store: ArtifactStore, edit_type: str) -> list[str]:
+    """:func:`published_ids` after :func:`adopt_legacy`: one listing unless legacy rows were adopted."""
+    ids = published_ids(store, edit_type)
+    return published_ids(store, edit_type) if adopt_legacy(store, edit_type, ids) else ids
+
+
+@contextmanager
+def _readable(store: ArtifactStore, key: str) -> Iterator[Path]:
+    """A local file holding ``key``: the store's own file for a local store, else a temporary download."""
+    if isinstance(store, LocalStore):
+        yield store.path(key)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield store.get_file(key, Path(tmp) / "file")
 
 
 # --- materialising ---------------------------------------------------------------------------------------------
@@ -293,11 +311,11 @@ class StagedLayout:
 
 def _existing_ids(out: Path, edit_type: str, ids: list[str]) -> set[str] | None:
     """Ids the folder's materialised CSV holds, if the folder can be merged into; None means rebuild."""
-    files = [out / key for key in layout.layout_files(edit_type)]
-    if not files[0].is_file() or not files[1].is_file():
+    csv_path = out / layout.prompts_csv(edit_type)
+    if not csv_path.is_file() or not (out / layout.prompts_metadata(edit_type)).is_file():
         return None
     try:
-        old = {sid for sid, _ in _Ordered(_old_csv(files[0]), edit_type)}
+        old = {sid for sid, _ in _Ordered(_old_csv(csv_path), edit_type)}
     except (_Rebuild, OSError, UnicodeDecodeError, csv.Error):
         return None
     if not old <= set(ids):  # the folder holds samples the store does not publish: mirror the store
@@ -306,9 +324,10 @@ def _existing_ids(out: Path, edit_type: str, ids: list[str]) -> set[str] | None:
 
 
 def stage_layout(store: ArtifactStore, edit_type: str, out: str | os.PathLike, ids: list[str] | None = None,
-                 incremental: bool = True, workers: int = 16) -> StagedLayout:
+                 incremental: bool = True, workers: int = 16, records: bool = True) -> StagedLayout:
     """Write the theme's seven layout files for the published samples ``ids`` (default: all, in id order)
     to temporary files in ``out``; return them staged (call ``commit()``). Streams: one document at a time.
+    ``records=False``: only the CSV and the metadata (the five record files are neither read nor written).
 
     Incremental (default): when ``out`` already holds a materialised layout of a subset of ``ids``, only the
     missing documents are read and merged into the existing lines; otherwise (or ``incremental=False``) the
@@ -322,11 +341,11 @@ def stage_layout(store: ArtifactStore, edit_type: str, out: str | os.PathLike, i
     old = _existing_ids(out, edit_type, ids) if incremental else None
     if old is not None:
         new = [sid for sid in ids if sid not in old]
-        if not new and all((out / k).is_file() for k in layout.layout_files(edit_type)[:2]):
+        if not new:
             staged.mode = "unchanged"
             return staged
         try:
-            _write(store, edit_type, out, new, staged, keep=old, workers=workers)
+            _write(store, edit_type, out, new, staged, old, workers, records)
             staged.mode, staged.new = "incremental", len(new)
             return staged
         except _Rebuild:
@@ -335,7 +354,7 @@ def stage_layout(store: ArtifactStore, edit_type: str, out: str | os.PathLike, i
             staged.discard()
             raise
     try:
-        _write(store, edit_type, out, ids, staged, keep=None, workers=workers)
+        _write(store, edit_type, out, ids, staged, None, workers, records)
     except BaseException:
         staged.discard()
         raise
@@ -344,10 +363,10 @@ def stage_layout(store: ArtifactStore, edit_type: str, out: str | os.PathLike, i
 
 
 def _write(store: ArtifactStore, et: str, out: Path, ids: list[str], staged: StagedLayout, keep: set[str] | None,
-           workers: int) -> None:
+           workers: int, records: bool) -> None:
     """Stream the documents of ``ids`` into temp files; with ``keep`` (the ids of the folder's CSV), merge
-    them with the existing files' lines of those ids, in id order."""
-    keys = layout.layout_files(et)
+    them with the existing files' lines of those ids, in id order. ``records``: the five record files too."""
+    keys = layout.layout_files(et) if records else layout.layout_files(et)[:2]
     csv_key, meta_key, record_keys = keys[0], keys[1], keys[2:]
     handles, lines = {}, dict.fromkeys(keys, 0)
     try:
@@ -424,8 +443,7 @@ def materialise_layout(store: ArtifactStore, out: str | os.PathLike | None = Non
     result = {}
     for et in edit_types or layout.EDIT_TYPES:
         with store.lock(f"layout-{et}") if in_place else nullcontext():
-            adopt_legacy(store, et)
-            ids = published_ids(store, et)
+            ids = adopted_ids(store, et)
             if not ids:
                 continue
             staged = stage_layout(store, et, out, ids, incremental)
@@ -435,5 +453,5 @@ def materialise_layout(store: ArtifactStore, out: str | os.PathLike | None = Non
     return result
 
 
-__all__ = ["LayoutError", "StagedLayout", "adopt_legacy", "iter_documents", "materialise_layout",
+__all__ = ["LayoutError", "StagedLayout", "adopt_legacy", "adopted_ids", "iter_documents", "materialise_layout",
            "published_documents", "published_ids", "read_document", "sample_document", "stage_layout"]

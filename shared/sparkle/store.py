@@ -24,8 +24,11 @@ import tempfile
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
+from typing import Callable, TypeVar
 
 from filelock import FileLock
+
+T = TypeVar("T")
 
 
 def json_safe(obj):
@@ -142,6 +145,20 @@ class ArtifactStore(ABC):
         return True
 
 
+def _in_folder(folder: Path, make: Callable[[], T]) -> T:
+    """Create ``folder`` (and its parents), then return ``make()``, which writes into it. Retried when a
+    concurrent :meth:`LocalStore._prune_empty_parents` removes the folder between the two steps (pathlib's
+    mkdir then raises FileExistsError or FileNotFoundError, the write FileNotFoundError)."""
+    for attempt in range(10):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return make()
+        except (FileNotFoundError, FileExistsError):
+            if attempt == 9:
+                raise
+    raise AssertionError("unreachable")
+
+
 class LocalStore(ArtifactStore):
     """A directory as an artifact store (the embedded default). Writes go to a temp file, then ``os.replace``."""
 
@@ -158,7 +175,8 @@ class LocalStore(ArtifactStore):
     def _commit(self, key: str, write) -> str:
         """Write ``key`` through a temp file next to it (``write(fd, temp_path)`` fills it), then rename."""
         dst = self.path(key)
-        fd, tmp = self._temp_next_to(dst)
+        fd, tmp = _in_folder(dst.parent, lambda: tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.",
+                                                                  suffix=".part"))
         try:
             write(fd, tmp)
             os.chmod(tmp, 0o644)
@@ -227,14 +245,7 @@ class LocalStore(ArtifactStore):
         s, d = self.path(src), self.path(dst)
         if not s.is_file():
             raise KeyError(src)
-        for attempt in range(10):  # a concurrent prune may remove the new folder before the rename
-            try:
-                d.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(s, d)
-                break
-            except (FileNotFoundError, FileExistsError):
-                if attempt == 9 or not s.is_file():
-                    raise
+        _in_folder(d.parent, lambda: os.replace(s, d))
         self._prune_empty_parents(s.parent)
 
     def lock(self, name: str) -> FileLock:
@@ -245,23 +256,10 @@ class LocalStore(ArtifactStore):
     def _prune_empty_parents(self, d: Path) -> None:
         """Remove ``d`` and its parents while empty (up to the root). Another thread or process may be
         pruning or filling the same folders: a folder already gone or no longer empty ends the walk (and
-        writers retry a folder pruned under them, see :meth:`_temp_next_to`)."""
+        writers retry a folder pruned under them, see :func:`_in_folder`)."""
         while d != self.root:
             try:
                 d.rmdir()
             except OSError:  # not empty (ENOTEMPTY/EEXIST), already removed (ENOENT)
                 return
             d = d.parent
-
-    @staticmethod
-    def _temp_next_to(dst: Path) -> tuple[int, str]:
-        """``mkstemp`` in ``dst``'s folder, creating it; retried when a concurrent prune removes the folder
-        between the two steps."""
-        for attempt in range(10):
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                return tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
-            except (FileNotFoundError, FileExistsError):  # pathlib's check of a parent raced a prune
-                if attempt == 9:
-                    raise
-        raise AssertionError("unreachable")

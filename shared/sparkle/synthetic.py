@@ -30,7 +30,7 @@ def _box(rng: random.Random) -> list[int]:
 
 
 def synthetic_sample(edit_type: str, index: int, prompt: str | None = None) -> dict:
-    """The records of sample ``Sparkle_{edit_type}_{index:06d}`` as :func:`sparkle.store.sample_document` takes
+    """The records of sample ``Sparkle_{edit_type}_{index:06d}`` as :func:`sparkle.published.sample_document` takes
     them: ``{"id", "edit_type", "prompt", "chosen_keyword", "original_scene", "records": {name: record}}``,
     every one of the five :data:`~sparkle.layout.RECORD_NAMES` present. Deterministic in (edit_type, index).
 
