@@ -67,7 +67,8 @@ def wait(store, ids, timeout_s=900):
 
 
 def op_results(redis_url: str) -> list[dict]:
-    """Every service call's answer kept by the result backend: ``(task id, worker start/end)``."""
+    """Every service call's answer kept by the result backend: sample, service, operation and the worker's
+    start and end times (epoch seconds)."""
     import redis
 
     r = redis.Redis.from_url(redis_url)
@@ -75,8 +76,8 @@ def op_results(redis_url: str) -> list[dict]:
     for key in r.scan_iter("celery-task-meta-*"):
         meta = json.loads(r.get(key))
         if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict) and "worker" in meta["result"]:
-            _, service, op = meta["task_id"].split(".")[:3]
-            out.append({"service": service, "op": op, **meta["result"]["worker"]})
+            sample, service, op = meta["task_id"].split(".")[:3]
+            out.append({"sample": sample, "service": service, "op": op, **meta["result"]["worker"]})
     return out
 
 
@@ -208,7 +209,10 @@ def balanced(tmp: Path, redis_base: str, rate: int, scale: float, samples: int, 
         calls = op_results(broker)
     control_s = scale * next(c["gpu_s"] for c in p["calls"] if c["call"] == "control.synthesize")
     t_a = min(c["started"] for c in calls if c["service"] == "control") + control_s
-    t_b = max(c["started"] for c in calls if c["op"] == "camera_check")
+    first_call: dict[str, float] = {}  # sample -> start of its first GPU call
+    for c in calls:
+        first_call[c["sample"]] = min(first_call.get(c["sample"], c["started"]), c["started"])
+    t_b = max(first_call.values())  # the last sample enters: from here on, upstream services run dry
     span = t_b - t_a
     if span <= control_s:
         raise SystemExit(f"the steady window is {span:.0f} s, shorter than one control call ({control_s:.0f} s): "
