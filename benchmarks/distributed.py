@@ -220,12 +220,17 @@ def balanced(tmp: Path, redis_base: str, rate: int, scale: float, samples: int, 
     done = sum(1 for c in calls if c["service"] == "control" and t_a <= c["ended"] <= t_b)
     print(f"  {status['counts']} in {wall:.0f} s; steady window {span:.0f} s "
           f"({span / control_s:.1f} control-call durations)")
-    print(f"  {'service':<11} {'replicas':>8} {'calls':>6} {'busy fraction':>14}")
+    # Service time per sample, measured (all calls) and as the plan counts it (its GPU-seconds x scale): the
+    # difference is what a call costs beyond its GPU work (fetching, decoding, encoding, storing artifacts).
+    planned = {svc: scale * p["services"][svc]["gpu_s_per_accepted"] for svc in replicas}
+    print(f"  {'service':<11} {'replicas':>8} {'calls':>6} {'s/sample':>9} {'plan s':>7} {'busy fraction':>14}")
     fractions = {}
     for svc, n in replicas.items():
-        busy = sum(max(0.0, min(c["ended"], t_b) - max(c["started"], t_a)) for c in calls if c["service"] == svc)
+        mine = [c for c in calls if c["service"] == svc]
+        busy = sum(max(0.0, min(c["ended"], t_b) - max(c["started"], t_a)) for c in mine)
         fractions[svc] = busy / (n * span)
-        print(f"  {svc:<11} {n:>8} {sum(c['service'] == svc for c in calls):>6} {fractions[svc]:>14.3f}")
+        per_sample = sum(c["ended"] - c["started"] for c in mine) / len({c["sample"] for c in mine})
+        print(f"  {svc:<11} {n:>8} {len(mine):>6} {per_sample:>9.2f} {planned[svc]:>7.2f} {fractions[svc]:>14.3f}")
     measured = done / span
     print(f"  throughput {measured:.3f} samples/s in the steady window, plan {predicted:.3f}: ratio "
           f"{measured / predicted:.3f}")
