@@ -25,7 +25,7 @@ from sparkle.errors import InputError
 from sparkle.funnel import funnel_add, funnel_result
 from sparkle.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from sparkle.queues import CPU_QUEUE
-from sparkle.store import ArtifactStore, jsonl_lines
+from sparkle.store import ArtifactStore, jsonl_lines, staging_prefix
 
 from . import jobs, journey
 from .celery_app import SparkleTask, app, transient_types
@@ -347,6 +347,8 @@ def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None 
                 job = {"state": "unknown"}
             if job["state"] in jobs.TERMINAL:
                 counts[job["state"]] = counts.get(job["state"], 0) + 1
+                # A worker killed between the terminal job and dropping the staging area leaves it behind.
+                store.delete_prefix(staging_prefix(sid))
                 report_key = layout.report(job["edit_type"], sid)
                 if store.exists(report_key):
                     funnel_add(state["funnel"], store.get_json(report_key))

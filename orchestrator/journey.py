@@ -119,7 +119,8 @@ def stage_env(io: ArtifactIO, config: dict, wait_s: float, celery_app=None) -> S
 
 
 def _end(cp: jobs.Checkpoint, env: StageEnv, stage: str) -> dict:
-    """The journey is over: job document in its final state, staging area removed."""
+    """The journey is over: job document in its final state, staging area removed. (A crash between the two
+    leaves the staging area behind; the dataset tick that collects the sample removes it.)"""
     doc = jobs.write_job(env.store, cp, cp.task.status, stage)
     drop_staging(cp.task, env)
     return {"id": cp.task.id, "state": doc["state"]}

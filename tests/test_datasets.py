@@ -116,3 +116,21 @@ def test_the_plan_counts_write_instruction_only_for_entries_without_a_prompt():
     assert plan(prompts_given=1.0)["services"]["control"] == plan()["services"]["control"]
     with pytest.raises(ValueError, match="0..1"):
         plan(prompts_given=1.5)
+
+
+def test_collecting_a_finished_sample_removes_the_staging_area_its_killed_worker_left(tmp_path):
+    """A worker SIGKILLed between writing the terminal job and dropping ``staging/{id}/`` leaves the area
+    behind; the dataset tick that collects the sample removes it (and only that sample's)."""
+    write_manifest(tmp_path / "m.jsonl", 2)
+    store = LocalStore(tmp_path / "s")
+    ds = datasets.create_dataset(store, datasets.ManifestFile(tmp_path / "m.jsonl"), tmp_path)
+    done, running = datasets.dataset_samples(store, ds["id"])
+    for sid, state in ((done, "accepted"), (running, "running")):
+        store.put_bytes(f"staging/{sid}/ops/control.synthesize.0.mp4", b"video")
+        store.put_json(f"jobs/{sid}.json", {"id": sid, "edit_type": layout.parse_sample_id(sid)[0], "state": state})
+    prefix = f"datasets/{ds['id']}/"
+    store.put_json(prefix + "state.json", {**store.get_json(prefix + "state.json"), "cursor": 2,
+                                           "in_flight": [done, running]})
+    state = datasets.dataset_tick(None, store, ds["id"])
+    assert state["in_flight"] == [running] and state["counts"] == {"accepted": 1}
+    assert store.list_keys("staging/") == [f"staging/{running}/ops/control.synthesize.0.mp4"]

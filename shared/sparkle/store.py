@@ -145,6 +145,12 @@ class ArtifactStore(ABC):
         return True
 
 
+def _missing_is_deleted(function, path, exc_info) -> None:
+    """``shutil.rmtree`` error handler: an entry already removed (by a concurrent delete) is deleted."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
+
+
 def _in_folder(folder: Path, make: Callable[[], T]) -> T:
     """Create ``folder`` (and its parents), then return ``make()``, which writes into it. Retried when a
     concurrent :meth:`LocalStore._prune_empty_parents` removes the folder between the two steps (pathlib's
@@ -234,7 +240,7 @@ class LocalStore(ArtifactStore):
         keys = self.list_keys(prefix)
         base = self.path(prefix.rstrip("/"))
         if base.is_dir():
-            shutil.rmtree(base)
+            shutil.rmtree(base, onerror=_missing_is_deleted)  # another process may be deleting it too
         else:
             for k in keys:
                 self.path(k).unlink(missing_ok=True)
