@@ -16,10 +16,14 @@
    after the first control call starts, until the last sample enters its first GPU call): the busy fraction
    of every service (busy replica-seconds / (replicas x window)) and the throughput against the plan's
    prediction (its target rate, in real time: rate / scale). Targets: every service >= 0.90, throughput
-   within 10 %.
+   within 10 %. A call costs more than its sleep (the doubles fetch, decode, encode and store like the real
+   services, under CPU contention): the run prints each service's measured overhead per call and the
+   ``--balanced-overhead`` flags that plan the next run with it (the plan's ``--overhead``, in this run's
+   seconds: divided by the scale before planning).
 
     .venv/bin/python benchmarks/distributed.py [--part all|overhead|bulk|balanced] [--samples 12] [--window 6]
         [--scale 0.00333] [--balanced-rate 26000] [--balanced-scale 0.2] [--balanced-samples 600]
+        [--balanced-overhead i2v=4.2 ...]
 
 Infrastructure: a private redis-server and a local-directory store (``local:DIR``), so store latency is a
 filesystem's, not MinIO's.
@@ -93,7 +97,10 @@ def main(part: str = typer.Option("all", "--part", help="all, overhead, bulk or 
          balanced_rate: int = typer.Option(26_000, "--balanced-rate", help="plan target, accepted pairs per day"),
          balanced_scale: float = typer.Option(0.2, "--balanced-scale", help="x plan GPU-seconds per call"),
          balanced_samples: int = typer.Option(600, "--balanced-samples", min=10),
-         balanced_window: int = typer.Option(300, "--balanced-window", min=1)) -> None:
+         balanced_window: int = typer.Option(300, "--balanced-window", min=1),
+         balanced_overhead: list[str] = typer.Option([], "--balanced-overhead",
+                                                     help="SERVICE=seconds per call beyond the sleep, in this "
+                                                          "run's time (printed by the previous balanced run)")) -> None:
     if part not in ("all", "overhead", "bulk", "balanced"):
         raise typer.BadParameter("--part is all, overhead, bulk or balanced")
     with tempfile.TemporaryDirectory(prefix="sparkle-bench-") as tmp:
@@ -104,7 +111,21 @@ def main(part: str = typer.Option("all", "--part", help="all, overhead, bulk or 
             if part in ("all", "bulk"):
                 bulk(tmp, url, samples, window, scale)
             if part in ("all", "balanced"):
-                balanced(tmp, url, balanced_rate, balanced_scale, balanced_samples, balanced_window)
+                balanced(tmp, url, balanced_rate, balanced_scale, balanced_samples, balanced_window,
+                         _overheads(balanced_overhead))
+
+
+def _overheads(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in SERVICES:
+            raise typer.BadParameter(f"--balanced-overhead: unknown service {name!r} (one of {list(SERVICES)})")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"--balanced-overhead expects SERVICE=SECONDS, got {item!r}") from None
+    return out
 
 
 def enqueue(c: Cluster, tmp: Path, samples: int, window: int, poll_s: float, prompts: bool = True) -> tuple[dict, float]:
@@ -188,16 +209,24 @@ def bulk(tmp: Path, redis_base: str, samples: int, window: int, scale: float) ->
     print(f"slowest service: {slowest}, busy fraction {frac:.3f} (target >= 0.95: {'met' if frac >= 0.95 else 'MISSED'})")
 
 
-def balanced(tmp: Path, redis_base: str, rate: int, scale: float, samples: int, window: int) -> None:
+def _plan(rate: int, scale: float, overhead: dict[str, float]) -> dict:
+    """The capacity plan for this run's funnel; ``overhead``: seconds per call in this run's (scaled) time."""
+    return plan(accepted=rate, days=1.0, utilisation=1.0, keep={g[0]: 1.0 for g in GATES}, prompts_given=1.0,
+                overhead={svc: overhead.get(svc, 0.0) / scale for svc in SERVICES})
+
+
+def balanced(tmp: Path, redis_base: str, rate: int, scale: float, samples: int, window: int,
+             overhead: dict[str, float]) -> None:
     # --- 3. a balanced bulk run: replicas from the capacity plan -----------------------------------------
-    p = plan(accepted=rate, days=1.0, utilisation=1.0, keep={g[0]: 1.0 for g in GATES}, prompts_given=1.0)
+    p = _plan(rate, scale, overhead)
     replicas = {svc: p["services"][svc]["gpus_rounded"] for svc in SERVICES}
     predicted = rate / 86_400 / scale  # samples per real second
     broker = f"{redis_base}/3"
     store_url = f"local:{tmp / 'store3'}"
     env = {"SPARKLE_BROKER_URL": broker, "SPARKLE_STORE_URL": store_url}
     print(f"\nbalanced bulk run: plan for {rate:,} accepted pairs a day (every gate keeps all, prompts given, "
-          f"utilisation 1.0) -> replicas {replicas}; calls sleep plan GPU-s x {scale:g}; {samples} samples, "
+          f"utilisation 1.0, overhead s per call {overhead or 0}) -> replicas {replicas}; calls sleep plan "
+          f"GPU-s x {scale:g}; {samples} samples, "
           f"window {window}; plan predicts {predicted:.3f} samples/s", flush=True)
     with Cluster(env, tmp / "logs3") as c:
         c.worker("cpu", [CPU_QUEUE], "--pool", "threads", "--concurrency", str(window + 16), ready_s=120)
@@ -222,15 +251,26 @@ def balanced(tmp: Path, redis_base: str, rate: int, scale: float, samples: int, 
           f"({span / control_s:.1f} control-call durations)")
     # Service time per sample, measured (all calls) and as the plan counts it (its GPU-seconds x scale): the
     # difference is what a call costs beyond its GPU work (fetching, decoding, encoding, storing artifacts).
-    planned = {svc: scale * p["services"][svc]["gpu_s_per_accepted"] for svc in replicas}
-    print(f"  {'service':<11} {'replicas':>8} {'calls':>6} {'s/sample':>9} {'plan s':>7} {'busy fraction':>14}")
-    fractions = {}
+    # The plan's replica-seconds per sample (GPU x scale + the overhead it was given) against the measured
+    # ones; the measured overhead per call = (measured - slept) / calls.
+    planned = {svc: scale * p["services"][svc]["replica_s_per_accepted"] for svc in replicas}
+    print(f"  {'service':<11} {'replicas':>8} {'calls':>6} {'s/sample':>9} {'plan s':>7} {'overhead s/call':>16} "
+          f"{'busy fraction':>14}")
+    fractions, measured_overhead = {}, {}
     for svc, n in replicas.items():
         mine = [c for c in calls if c["service"] == svc]
         busy = sum(max(0.0, min(c["ended"], t_b) - max(c["started"], t_a)) for c in mine)
         fractions[svc] = busy / (n * span)
-        per_sample = sum(c["ended"] - c["started"] for c in mine) / len({c["sample"] for c in mine})
-        print(f"  {svc:<11} {n:>8} {len(mine):>6} {per_sample:>9.2f} {planned[svc]:>7.2f} {fractions[svc]:>14.3f}")
+        n_samples = len({c["sample"] for c in mine})
+        per_sample = sum(c["ended"] - c["started"] for c in mine) / n_samples
+        slept = scale * p["services"][svc]["gpu_s_per_accepted"]
+        measured_overhead[svc] = max(0.0, (per_sample - slept) * n_samples / len(mine))
+        print(f"  {svc:<11} {n:>8} {len(mine):>6} {per_sample:>9.2f} {planned[svc]:>7.2f} "
+              f"{measured_overhead[svc]:>16.3f} {fractions[svc]:>14.3f}")
+    replanned = _plan(rate, scale, measured_overhead)
+    flags = " ".join(f"--balanced-overhead {svc}={v:.3f}" for svc, v in measured_overhead.items())
+    print(f"  with the measured overhead the plan gives replicas "
+          f"{ {svc: replanned['services'][svc]['gpus_rounded'] for svc in SERVICES} } (re-run: {flags})")
     measured = done / span
     print(f"  throughput {measured:.3f} samples/s in the steady window, plan {predicted:.3f}: ratio "
           f"{measured / predicted:.3f}")

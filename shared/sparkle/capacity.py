@@ -11,6 +11,12 @@ The shape is 81 frames at 832x480 (the conformed maximum), on the suggested GPU 
 Replace them with measured values (``--seconds i2v.animate=75``, from the services' ``/metrics`` latency
 histograms once they run) and the acceptance rates with a pilot run's funnel (``sparkle funnel``,
 ``--keep gate=rate``).
+
+A call holds its replica longer than its GPU work: it fetches its inputs from the store, decodes them, encodes
+and uploads its output (:data:`OVERHEAD_S`, seconds per call, also assumptions; ``--overhead i2v=4``). Replicas
+are sized on GPU-seconds + overhead: the balanced bulk run (``benchmarks/distributed.py --part balanced``) showed
+that a plan on GPU-seconds alone under-provisions the service whose overhead exceeds its rounding slack (i2v
+there: +20 % per call, 19 replicas where 22 were needed, throughput 0.874 of the plan).
 """
 
 from __future__ import annotations
@@ -71,6 +77,17 @@ CALLS: list[Call] = [
 ]
 """Model calls in journey order."""
 
+OVERHEAD_S: dict[str, tuple[float, str]] = {
+    "grounding": (0.3, "fetch ~1-11 JPEG frames, vLLM request round trip: assumed"),
+    "image_edit": (0.5, "fetch a frame, encode + upload a PNG at 832x480: assumed"),
+    "i2v": (3.0, "encode 81 frames at 832x480 to H.264 on the CPU (~1.5 s) + upload ~10 MB: assumed"),
+    "tracking": (2.0, "decode 81 frames, pack and upload the (T, H, W) mask: assumed"),
+    "control": (5.0, "decode source + background video (81 frames each), Canny control video, encode + upload: "
+                     "assumed"),
+    "editscore": (0.5, "fetch 2-8 images or 4 frames of a video: assumed"),
+}
+"""Seconds a call holds its replica beyond its GPU work, per service: (seconds, source)."""
+
 DEFAULT_ACCEPTED = 140_000
 DEFAULT_DAYS = 7.0
 DEFAULT_UTILISATION = 0.7
@@ -95,19 +112,26 @@ WRITTEN_ONLY_WITHOUT_PROMPT = {"grounding.write_instruction"}
 
 def plan(accepted: int = DEFAULT_ACCEPTED, days: float = DEFAULT_DAYS, utilisation: float = DEFAULT_UTILISATION,
          seconds: dict[str, float] | None = None, keep: dict[str, float] | None = None,
-         prompts_given: float = 0.0) -> dict:
-    """The capacity plan as data: per service GPU-seconds per accepted pair and GPUs, early vs late rejection.
+         prompts_given: float = 0.0, overhead: dict[str, float] | None = None) -> dict:
+    """The capacity plan as data: per service GPU-seconds and replica-seconds (GPU + per-call overhead) per
+    accepted pair and the replicas (GPUs) they need, early vs late rejection.
 
-    ``prompts_given``: share (0..1) of manifest entries that bring their own prompt; those skip
+    ``seconds``: GPU-seconds per call name (replacing :data:`CALLS`' assumptions); ``keep``: share kept per gate
+    name; ``overhead``: seconds per call per service name (replacing :data:`OVERHEAD_S`; 0 plans on GPU-seconds
+    alone). ``prompts_given``: share (0..1) of manifest entries that bring their own prompt; those skip
     ``grounding.write_instruction`` (0, the default, is dataset generation: every instruction is written).
-    Raises ValueError for unknown call or gate names or a share outside 0..1.
+    Raises ValueError for unknown call, gate or service names, a share outside 0..1 or a negative overhead.
     """
     seconds, keep = seconds or {}, keep or {}
+    per_call = {svc: s for svc, (s, _) in OVERHEAD_S.items()} | (overhead or {})
     if not 0.0 <= prompts_given <= 1.0:
         raise ValueError(f"prompts_given is a share in 0..1, got {prompts_given}")
-    unknown = (set(seconds) - {c.name for c in CALLS}) | (set(keep) - {g[0] for g in GATES})
+    unknown = ((set(seconds) - {c.name for c in CALLS}) | (set(keep) - {g[0] for g in GATES})
+               | (set(per_call) - set(SERVICES)))
     if unknown:
-        raise ValueError(f"unknown call or gate names: {sorted(unknown)}")
+        raise ValueError(f"unknown call, gate or service names: {sorted(unknown)}")
+    if any(v < 0 for v in per_call.values()):
+        raise ValueError(f"an overhead is seconds >= 0, got {per_call}")
     gates = [(n, keep.get(n, k), src) for n, k, src in GATES]
     calls = [Call(c.name, seconds.get(c.name, c.seconds) * (1.0 - prompts_given if c.name in WRITTEN_ONLY_WITHOUT_PROMPT
                                                          else 1.0), c.after, c.source) for c in CALLS]
@@ -119,15 +143,20 @@ def plan(accepted: int = DEFAULT_ACCEPTED, days: float = DEFAULT_DAYS, utilisati
     rows = {}
     for service in SERVICES:
         mine = [c for c in calls if _service(c) == service]
+        # The share of a sample's calls that run: write_instruction only for entries without a prompt.
+        runs = {c.name: (1.0 - prompts_given if c.name in WRITTEN_ONLY_WITHOUT_PROMPT else 1.0) for c in mine}
         early = sum(c.seconds * reach[c.after] for c in mine) / acceptance
+        held = early + sum(per_call[service] * runs[c.name] * reach[c.after] for c in mine) / acceptance
         # All gates scored at the end: every call runs on every clip that the coarse CPU filter keeps
         # (the VLM camera check itself included: nothing is refused before the end).
-        late = sum(c.seconds * reach["coarse"] for c in mine) / acceptance
-        gpus = early * accepted / (wall * utilisation)
+        late = sum((c.seconds + per_call[service] * runs[c.name]) * reach["coarse"] for c in mine) / acceptance
+        gpus = held * accepted / (wall * utilisation)
         # Of this service's GPU time, the share spent on samples that a later gate rejects.
         spent = sum(c.seconds * reach[c.after] for c in mine)
         wasted = sum(c.seconds * (reach[c.after] - acceptance) for c in mine) / spent if spent else 0.0
-        rows[service] = {"gpu_s_per_accepted": early, "share_on_rejected": wasted, "gpu_s_per_accepted_gates_at_end": late,
+        rows[service] = {"gpu_s_per_accepted": early, "replica_s_per_accepted": held,
+                         "overhead_s_per_call": per_call[service],
+                         "share_on_rejected": wasted, "replica_s_per_accepted_gates_at_end": late,
                          "gpu_hours": early * accepted / 3600.0, "gpus": gpus, "gpus_rounded": math.ceil(gpus),
                          "gpus_gates_at_end": math.ceil(late * accepted / (wall * utilisation))}
     return {"accepted": accepted, "days": days, "utilisation": utilisation, "prompts_given": prompts_given,
@@ -137,6 +166,7 @@ def plan(accepted: int = DEFAULT_ACCEPTED, days: float = DEFAULT_DAYS, utilisati
             "calls": [{"call": c.name, "gpu_s": c.seconds, "runs_on_share_of_raw": reach[c.after],
                        "source": c.source} for c in calls],
             "services": rows,
+            "overhead_sources": {svc: src for svc, (_, src) in OVERHEAD_S.items() if svc not in (overhead or {})},
             "total_gpus": sum(r["gpus_rounded"] for r in rows.values()),
             "total_gpus_gates_at_end": sum(r["gpus_gates_at_end"] for r in rows.values())}
 
@@ -149,24 +179,29 @@ def format_plan(p: dict) -> str:
         f"Acceptance: stage 1 keeps {p['stage1_keep']:.1%} of raw clips, all gates {p['acceptance_from_raw']:.2%}: "
         f"{p['raw_clips']:,.0f} raw clips in.",
         "",
-        "| service | GPU-s per accepted pair | GPU-hours | of which on samples rejected later | GPUs "
-        "| GPUs if every gate were at the end |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| service | GPU-s per accepted pair | overhead s per call | replica-s per accepted pair | GPU-hours "
+        "| of which on samples rejected later | GPUs | GPUs if every gate were at the end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for service, r in p["services"].items():
-        lines.append(f"| {service} | {r['gpu_s_per_accepted']:,.0f} | {r['gpu_hours']:,.0f} | {r['share_on_rejected']:.0%} "
-                     f"| {r['gpus_rounded']} "
-                     f"| {r['gpus_gates_at_end']} |")
-    total_early = sum(r["gpu_s_per_accepted"] for r in p["services"].values())
-    total_late = sum(r["gpu_s_per_accepted_gates_at_end"] for r in p["services"].values())
-    lines.append(f"| **total** | {total_early:,.0f} | {total_early * p['accepted'] / 3600:,.0f} | "
+        lines.append(f"| {service} | {r['gpu_s_per_accepted']:,.0f} | {r['overhead_s_per_call']:g} "
+                     f"| {r['replica_s_per_accepted']:,.0f} | {r['gpu_hours']:,.0f} | {r['share_on_rejected']:.0%} "
+                     f"| {r['gpus_rounded']:,} | {r['gpus_gates_at_end']:,} |")
+    total_gpu = sum(r["gpu_s_per_accepted"] for r in p["services"].values())
+    total_early = sum(r["replica_s_per_accepted"] for r in p["services"].values())
+    total_late = sum(r["replica_s_per_accepted_gates_at_end"] for r in p["services"].values())
+    lines.append(f"| **total** | {total_gpu:,.0f} | | {total_early:,.0f} | {total_gpu * p['accepted'] / 3600:,.0f} | "
                  f"| **{p['total_gpus']:,}** | {p['total_gpus_gates_at_end']:,} |")
-    lines.append(f"\nEarly rejection: {total_early:,.0f} GPU-s per accepted pair instead of {total_late:,.0f} with every "
+    lines.append(f"\nGPUs are sized on replica-seconds (GPU work + each call's overhead). Early rejection: "
+                 f"{total_early:,.0f} replica-s per accepted pair instead of {total_late:,.0f} with every "
                  f"gate at the end ({1 - total_early / total_late:.0%} less).")
     lines += ["", "| gate | keeps | share of raw clips past it |", "|---|---:|---:|"]
     lines += [f"| {g['gate']} | {g['keep']:.0%} | {g['reach_after']:.2%} |" for g in p["gates"]]
     lines += ["", "| call (assumed GPU-s per sample) | GPU-s | runs on share of raw clips |", "|---|---:|---:|"]
     lines += [f"| {c['call']} | {c['gpu_s']:g} | {c['runs_on_share_of_raw']:.2%} |" for c in p["calls"]]
+    lines += ["", "| service | overhead s per call | source |", "|---|---:|---|"]
+    lines += [f"| {svc} | {p['services'][svc]['overhead_s_per_call']:g} | {p['overhead_sources'].get(svc, 'given')} |"
+              for svc in p["services"]]
     return "\n".join(lines)
 
 
@@ -191,6 +226,9 @@ def capacity_command(
     seconds: list[str] = typer.Option([], "--seconds", help="GPU-seconds of a call, e.g. i2v.animate=75 "
                                       "(repeatable; names in `--json` output)"),
     keep: list[str] = typer.Option([], "--keep", help="share a gate keeps, e.g. video=0.5 (repeatable)"),
+    overhead: list[str] = typer.Option([], "--overhead", help="seconds a call of a service holds its replica "
+                                       "beyond its GPU work, e.g. i2v=4 (repeatable; measured: call latency minus "
+                                       "GPU time)"),
     prompts_given: float = typer.Option(0.0, "--prompts-given", help="share of entries with their own prompt "
                                         "(they skip grounding.write_instruction); 0 = every instruction written"),
     as_json: bool = typer.Option(False, "--json", help="the plan as JSON"),
@@ -199,7 +237,8 @@ def capacity_command(
     if accepted < 1 or days <= 0 or not 0 < utilisation <= 1:
         raise typer.BadParameter("--accepted >= 1, --days > 0 and 0 < --utilisation <= 1")
     try:
-        p = plan(accepted, days, utilisation, _pairs(seconds, "--seconds"), _pairs(keep, "--keep"), prompts_given)
+        p = plan(accepted, days, utilisation, _pairs(seconds, "--seconds"), _pairs(keep, "--keep"), prompts_given,
+                 _pairs(overhead, "--overhead"))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(json.dumps(p, indent=2) if as_json else format_plan(p))
