@@ -19,6 +19,7 @@ from rich.table import Table
 
 from sparkle.config import PipelineConfig
 from sparkle.errors import SparkleError
+from sparkle.store import json_safe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Sparkle Factory: instruction-guided video background replacement (the Sparkle pipeline).")
@@ -124,7 +125,7 @@ def replace(
     result["artifacts"] = {name: str(store.path(key)) for name, key in result["artifacts"].items()}
     result["timings"]["wall"] = round(time.perf_counter() - started, 3)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:
         table = Table("stage", "decision", "reason", "s")
         for d in task.decisions:
@@ -189,7 +190,8 @@ def catalogue_cmd(
         raise typer.Exit(1)
     rows = [{"chosen_keyword": c.chosen_keyword, "prompt": write_instruction(c)} for c in choices]
     if as_json:
-        typer.echo(json.dumps({"stats": cat.stats().model_dump(), "choices": rows}, indent=2))
+        typer.echo(json.dumps(json_safe({"stats": cat.stats().model_dump(), "choices": rows}), indent=2,
+                              allow_nan=False))
         return
     table = Table("chosen_keyword", "instruction", title=f"{theme}: {n} choices, seed {seed}")
     for r in rows:
@@ -211,7 +213,7 @@ def funnel(
         raise typer.Exit(1)
     result = write_funnel(LocalStore(out))
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))
         return
     table = Table("stage", "in", "out", "refused (count: reason)", title=(
         f"{result['samples']} samples: {result['accepted']} accepted, {result['rejected']} rejected"))
@@ -381,7 +383,7 @@ def enqueue_command(
             time.sleep(poll_s)
     status = datasets.dataset_status(store, ds["id"])
     if as_json:
-        typer.echo(json.dumps(status, indent=2))
+        typer.echo(json.dumps(json_safe(status), indent=2, allow_nan=False))
         return
     table = Table("stage", "in", "out", "refused", title=f"dataset {ds['id']}: " +
                   ", ".join(f"{k} {v}" for k, v in sorted(status["counts"].items())))

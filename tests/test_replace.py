@@ -163,6 +163,20 @@ def test_handheld_clip_is_refused_with_a_clear_message(tmp_path):
     assert report["status"] == "rejected" and report["stages"][-1]["name"] == "camera_filter"
 
 
+def _strict(constant: str):
+    raise AssertionError(f"{constant} is not JSON (RFC 8259)")
+
+
+def test_json_summary_is_strict_json_even_with_unmeasured_metrics(tmp_path):
+    """The refused handheld clip's camera metrics hold an unmeasurable value (NaN in Python): ``--json``
+    prints it as null, which every JSON parser reads (``NaN`` is refused by strict ones: jq, JavaScript)."""
+    proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path, "--json")
+    assert proc.returncode == 3
+    summary = json.loads(proc.stdout, parse_constant=_strict)
+    camera = summary["stages"][1]
+    assert camera["name"] == "camera_filter" and None in camera["metrics"].values()
+
+
 def test_force_keeps_a_handheld_clip(tmp_path):
     proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path, "--force",
                    "--max-size", "416x240", "--json")

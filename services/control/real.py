@@ -2,7 +2,7 @@
 
 diffusers has no Wan-Fun-Control pipeline; diffsynth's ``WanVideoPipeline`` runs ``PAI/Wan2.2-Fun-A14B-Control``
 (the checkpoint Kiwi-Edit's tooling is built on): two ``WanModel`` experts, ``dit`` for high noise and ``dit2``
-for low noise, switched at ``switch_DiT_boundary`` (timestep 875 of 1000), a ``WanTextEncoder`` (UMT5-XXL),
+for low noise, switched at ``switch_DiT_boundary`` (timestep 900 of 1000), a ``WanTextEncoder`` (UMT5-XXL),
 ``WanVideoVAE`` (Wan2.1 VAE: 4x temporal, 8x spatial, 16 latent channels) and no CLIP image encoder
 (``require_clip_embedding=False``). The DiT takes 52 input channels: 16 noisy latents + 16 control-video
 latents + 4 first-frame mask channels + 16 first-frame latents; it also has the reference conv
@@ -29,7 +29,9 @@ Local layout of ``--model-dir`` (that of the hub repository, plus the tokenizer)
     sparkle_architecture.json                               optional: model sizes other than the A14B's
 
 Sampling (VideoX-Fun ``examples/wan2.2_fun/predict_v2v_control.py``, the inference script the model card
-points to): 50 steps, guidance 6.0, flow shift 5, expert boundary 0.875, Wan's standard negative prompt.
+points to): 50 steps, guidance 6.0, flow shift 5, expert boundary 0.900 (VideoX-Fun ``config/wan2.2`` and DiffSynth's own
+training script for Wan2.2-Fun-A14B-Control; diffsynth's call default 0.875 would run 3 of the 50 steps, timesteps
+875-900, on the high-noise expert that VideoX-Fun hands to the low-noise one), Wan's standard negative prompt.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ CFG_SCALE = 6.0
 SIGMA_SHIFT = 5.0
 """``shift = 5``: same script (diffsynth's ``sigma_shift`` default is 5.0 too)."""
 
-SWITCH_BOUNDARY = 0.875
-"""High-noise expert for timesteps >= 875: VideoX-Fun ``config/wan2.2`` ``boundary: 0.875`` (diffsynth default)."""
+SWITCH_BOUNDARY = 0.900
+"""High-noise expert for timesteps >= 900: VideoX-Fun ``config/wan2.2`` ``boundary: 0.900`` (not diffsynth's call
+default 0.875). With 50 steps at shift 5 that is 18 high-noise steps, not 21."""
 
 SEED = 43
 """Fixed seed (``seed = 43`` of the same script); noise is drawn on the CPU, so it is device-independent."""

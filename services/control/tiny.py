@@ -3,7 +3,7 @@
 Same diffsynth ``WanVideoPipeline``, ``WanModel`` experts (Fun-Control structure: 52 input channels, reference
 conv, no CLIP), ``WanVideoVAE``, ``WanTextEncoder`` and ``T5Tokenizer`` (wrapped by diffsynth's
 ``HuggingfaceTokenizer``), built in code from tiny configs with a fixed seed: no download, deterministic, on
-the CPU by default. The sampler is the real one (50 steps, guidance 6.0, shift 5, boundary 0.875, seed 43,
+the CPU by default. The sampler is the real one (50 steps, guidance 6.0, shift 5, boundary 0.900, seed 43,
 the Wan negative prompt); the pixels mean nothing, the shapes and the conditioning paths are the real ones.
 
 :func:`save_tiny_checkpoint` writes these weights in the layout ``real.make_backend(model_dir=...)`` loads

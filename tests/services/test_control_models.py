@@ -164,11 +164,22 @@ def test_fun_control_unit_keeps_the_image_latents(backend):
 def test_real_settings_and_architecture():
     backend = tiny.make_backend()
     assert (backend.num_inference_steps, backend.cfg_scale, backend.seed) == (50, 6.0, 43)
-    assert (real.SIGMA_SHIFT, real.SWITCH_BOUNDARY) == (5.0, 0.875)
+    assert (real.SIGMA_SHIFT, real.SWITCH_BOUNDARY) == (5.0, 0.900)
     hub = [c for c in MODEL_CONFIGS if c["model_hash"] == "2267d489f0ceb9f21836532952852ee5"]
     assert len(hub) == 1 and hub[0]["extra_kwargs"] == real.ARCHITECTURE["dit"]
     dit = tiny.TINY_ARCHITECTURE["dit"]
     assert dit["in_dim"] == 52 and dit["has_ref_conv"] and not dit["require_clip_embedding"]
+
+
+def test_the_high_noise_expert_runs_the_steps_videox_fun_gives_it():
+    """VideoX-Fun's Wan2.2 config switches experts at 0.900: of 50 steps at shift 5, the 18 with timestep >= 900
+    run on the high-noise expert (diffsynth's call default 0.875 gave it 21)."""
+    from diffsynth.diffusion import FlowMatchScheduler
+
+    scheduler = FlowMatchScheduler("Wan")
+    scheduler.set_timesteps(50, denoising_strength=1.0, shift=real.SIGMA_SHIFT)
+    high = [float(t) for t in scheduler.timesteps if not float(t) < real.SWITCH_BOUNDARY * 1000]  # diffsynth's test
+    assert len(high) == 18 and min(high) > 900
 
 
 def test_real_loader_on_tiny_checkpoint(tmp_path, small_call):
