@@ -11,14 +11,18 @@ Formats (``../shared/reference/formats.md``, "Sparkle-Bench"):
 - inference output: ``{save_dir}/{edit_type}/{subtheme}---{scene_key}/{id}_edited.mp4`` with
   ``subtheme, scene = chosen_keyword.split(": ")`` and ``scene_key = scene.replace(" ", "_")``.
 - reference inference conventions: the first 81 frames (count trimmed to 4k+1), area scaled down to at most
-  720x1280 and both sides floored to multiples of 32, written at 15 fps (:func:`conform_reference`).
+  720x1280 and both sides floored to multiples of 32 by a centre crop (diffsynth's ``VideoData``), written at
+  15 fps (:func:`conform_reference`).
 - judge output, per checkpoint directory (its ``save_dir``) and theme:
   ``{edit_type}_{judge_model}_sparkle_score.jsonl``, one record per sample
   ``{"id", "prompt", "edit_type", "subtheme", "scene", "scores": [6 ints], "result": raw text}``; dimensions in
   the order of :data:`DIMENSIONS`, 1..5, dimensions 2-6 capped at Instruction Compliance.
 
-Ours adds to the reference scorer: any OpenAI-compatible judge (``--judge-url``), samples that fail are
-written with their ``error`` and counted (never dropped), re-runs resume per sample, and ``--plot``.
+The judge sees what Sparkle's sees: the rubric first, then the source and the edited video
+(``--rubric-from`` reads Sparkle's own rubric out of its script; ``--video-part image_url`` and
+``--azure-endpoint`` are its transport). Ours adds to the reference scorer: any OpenAI-compatible judge
+(``--judge-url``), samples that fail are written with their ``error`` and counted (never dropped), re-runs resume
+per sample, and ``--plot``.
 """
 
 from __future__ import annotations
@@ -190,8 +194,13 @@ def reference_size(w: int, h: int, max_area: int = REF_MAX_AREA, multiple: int =
 def conform_reference(video, max_frames: int = REF_MAX_FRAMES, max_area: int = REF_MAX_AREA,
                       multiple: int = REF_MULTIPLE):
     """The source as the reference inference feeds a model: the first ``max_frames`` frames trimmed to 4k+1,
-    resized (area interpolation, no crop) to :func:`reference_size`. Returns a :class:`~sparkle.media.Video`
-    at the source's fps. Raises InputError when fewer than 5 frames remain."""
+    framed as diffsynth's ``VideoData`` frames them for Sparkle's ``test_benchmark_sparkle_bench.py``
+    (``crop_and_resize``): the centre is cropped to the aspect of :func:`reference_size`, then resized to it
+    (PIL bicubic). An 832x468 source becomes 832x448 by dropping 10 rows top and bottom, not by squashing
+    it 4.3 % vertically. Returns a :class:`~sparkle.media.Video` at the source's fps. Raises InputError when
+    fewer than 5 frames remain."""
+    from PIL import Image
+
     from sparkle.media import Video, trimmed_length
 
     t_in, h, w = video.shape
@@ -201,8 +210,14 @@ def conform_reference(video, max_frames: int = REF_MAX_FRAMES, max_area: int = R
     ow, oh = reference_size(w, h, max_area, multiple)
     frames = video.frames[:t]
     if (ow, oh) != (w, h):
-        interp = cv2.INTER_AREA if ow * oh < w * h else cv2.INTER_CUBIC
-        frames = np.stack([cv2.resize(f, (ow, oh), interpolation=interp) for f in frames])
+        if h / w < oh / ow:  # wider than the target: crop columns (diffsynth's arithmetic, int() included)
+            cw = int(h / oh * ow)
+            frames = frames[:, :, (w - cw) // 2:(w - cw) // 2 + cw]
+        else:
+            ch = int(w / ow * oh)
+            frames = frames[:, (h - ch) // 2:(h - ch) // 2 + ch]
+        frames = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(f)).resize((ow, oh), Image.BICUBIC))
+                           for f in frames])
     return Video(np.ascontiguousarray(frames), video.fps)
 
 
@@ -239,10 +254,11 @@ class PipelineRunner:
         from sparkle.backends import load_backends
         from sparkle.config import PipelineConfig
 
-        # The source is already conformed to the reference size (multiples of 32); the pipeline keeps it
-        # unless a side is over 1280x720 (a very elongated clip), and the output is resized back then.
+        # The source is already conformed to the reference size (multiples of 32) and frame count; the pipeline
+        # keeps it (its frames too: no 16 fps resampling, the reference edits the frames it is given) unless
+        # a side is over 1280x720 (a very elongated clip), and the output is resized back then.
         self.config = PipelineConfig(profile=profile, conform={"max_long_side": 1280, "max_short_side": 720,
-                                                               "max_frames": REF_MAX_FRAMES})
+                                                               "max_frames": REF_MAX_FRAMES, "fps": None})
         self.backends = load_backends(profile)
         self.work_dir = work_dir
         self.use_ref_images = use_ref_images
@@ -455,29 +471,72 @@ def load_rubric(path: str | os.PathLike | None = None) -> str:
     return text
 
 
+SPARKLE_RUBRIC_NAME = "BACKGROUND_REPLACEMENT"
+SPARKLE_RUBRIC_FIELD = "edit_prompt"
+"""Sparkle's ``eval_sparkle_bench_gemini.py`` holds its rubric in ``BACKGROUND_REPLACEMENT`` and fills it with
+``.format(edit_prompt=...)``."""
+
+
+def rubric_from_script(path: str | os.PathLike) -> str:
+    """The rubric of Sparkle's judge script, as a template for :func:`build_judge_request`.
+
+    The script is parsed (``ast``), never executed: the module-level ``BACKGROUND_REPLACEMENT = "..."`` string is
+    read and turned into our template by ``.format(edit_prompt="{instruction}")``, so that filling it later gives
+    exactly ``BACKGROUND_REPLACEMENT.format(edit_prompt=instruction)`` (escaped braces included). Raises
+    InputError when the file cannot be read or parsed, or holds no such string with an ``{edit_prompt}`` field.
+    """
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read Sparkle's judge script {path}: {exc}") from exc
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == SPARKLE_RUBRIC_NAME
+                                                 for t in node.targets)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            text = node.value.value
+            break
+    else:
+        raise InputError(f"{path} has no module-level {SPARKLE_RUBRIC_NAME} = \"...\" string")
+    try:
+        return text.format(**{SPARKLE_RUBRIC_FIELD: INSTRUCTION_PLACEHOLDER})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(f"{SPARKLE_RUBRIC_NAME} in {path} is not a template with only "
+                         f"{{{SPARKLE_RUBRIC_FIELD}}}: {exc}") from exc
+
+
+VIDEO_PARTS = ("video_url", "image_url")
+"""How a video travels in a chat message: ``video_url`` (vLLM, the default) or ``image_url`` holding
+``data:video/mp4;base64,...`` (what Sparkle's script sends: Gemini behind an OpenAI-compatible endpoint)."""
+
+
 def video_data_url(path: str | os.PathLike) -> str:
     """``data:video/mp4;base64,...`` of a file (the mp4 bytes as they are)."""
     return "data:video/mp4;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def build_judge_request(model: str, rubric: str, instruction: str, source: str | os.PathLike,
-                        edited: str | os.PathLike, max_tokens: int | None = 2048) -> dict:
+                        edited: str | os.PathLike, max_tokens: int | None = 2048,
+                        video_part: str = "video_url") -> dict:
     """Keyword arguments of ``client.chat.completions.create`` for one sample: the only place that knows the
     request format.
 
-    One user message: a label and the SOURCE video, a label and the EDITED video, then the rubric with
-    ``{instruction}`` filled in. Videos are ``{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}``
-    parts, as the Sparkle/Kiwi reference sends them. vLLM's OpenAI-compatible server accepts ``video_url``
-    parts with http(s), ``data:video/...;base64`` and (with ``--allowed-local-media-path``) ``file://`` URLs
-    and samples frames for Qwen3-VL itself; two videos per request need ``--limit-mm-per-prompt
-    '{"video": 2}'``. ``temperature=0`` and ``seed=42`` make the judge deterministic where the server allows.
+    One user message in the order of Sparkle's ``eval_sparkle_bench_gemini.py`` (``create_content([sys_prompt,
+    source, edited])``): the rubric with ``{instruction}`` filled in, the source video, the edited video.
+    ``video_part`` (:data:`VIDEO_PARTS`): Sparkle's script sends each video as an ``image_url`` part whose URL is
+    ``data:video/mp4;base64,...`` (Gemini through an OpenAI-compatible endpoint takes that); vLLM's server
+    needs ``video_url`` parts (http(s), ``data:video/...;base64`` or, with ``--allowed-local-media-path``,
+    ``file://``) and samples frames for Qwen3-VL itself; two videos per request need ``--limit-mm-per-prompt
+    '{"video": 2}'``. ``temperature=0`` and ``seed=42`` as in Sparkle's script. Raises ValueError for an
+    unknown ``video_part``.
     """
+    if video_part not in VIDEO_PARTS:
+        raise ValueError(f"video_part must be one of {VIDEO_PARTS}, got {video_part!r}")
     content = [
-        {"type": "text", "text": "SOURCE video:"},
-        {"type": "video_url", "video_url": {"url": video_data_url(source)}},
-        {"type": "text", "text": "EDITED video:"},
-        {"type": "video_url", "video_url": {"url": video_data_url(edited)}},
         {"type": "text", "text": rubric.replace(INSTRUCTION_PLACEHOLDER, instruction)},
+        {"type": video_part, video_part: {"url": video_data_url(source)}},
+        {"type": video_part, video_part: {"url": video_data_url(edited)}},
     ]
     kwargs = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, "seed": 42}
     if max_tokens:
@@ -556,11 +615,19 @@ class JudgeSettings:
     max_backoff_s: float = 60.0
     concurrency: int = 4
     max_tokens: int | None = 2048
+    video_part: str = "video_url"
+    azure_endpoint: str | None = None
+    api_version: str = "2024-03-01-preview"
 
     def client(self):
-        """An ``openai.OpenAI`` client with our timeout and no SDK retries (ours are counted and logged)."""
-        from openai import OpenAI
+        """An ``openai.OpenAI`` client on ``url``, or with ``azure_endpoint`` an ``openai.AzureOpenAI`` one
+        (``api-key`` header, ``api-version`` query: Sparkle's script, ``api_version`` 2024-03-01-preview); our
+        timeout and no SDK retries (ours are counted and logged)."""
+        from openai import AzureOpenAI, OpenAI
 
+        if self.azure_endpoint:
+            return AzureOpenAI(azure_endpoint=self.azure_endpoint, api_version=self.api_version,
+                               api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
         return OpenAI(base_url=self.url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
 
 
@@ -578,7 +645,7 @@ def judge_sample(client, settings: JudgeSettings, rubric: str, sample: BenchSamp
         return {**record, "error": f"source video not found: {sample.source}", "attempts": 0}
     try:
         request = build_judge_request(settings.model, rubric, sample.prompt, sample.source, edited,
-                                      settings.max_tokens)
+                                      settings.max_tokens, settings.video_part)
     except OSError as exc:
         return {**record, "error": f"cannot read a video: {exc}", "attempts": 0}
     error, attempt = "", 0
@@ -755,14 +822,29 @@ def _fmt(v) -> str:
 @bench_app.command("eval", context_settings={"allow_extra_args": True})
 def bench_eval(
     ctx: typer.Context,
-    video_paths: list[Path] = typer.Option(..., "--video-paths", help="checkpoint directories (the save_dir of "
-                                           "bench infer); several may follow one --video-paths"),
-    bench_dir: Path = typer.Option(..., "--bench-dir", help="Sparkle-Bench root (prompts, keywords, source videos)"),
-    judge_url: str = typer.Option(..., "--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
-    judge_model: str = typer.Option(..., "--judge-model", help="model name the server serves"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: $OPENAI_API_KEY, else EMPTY)"),
-    themes: list[str] = typer.Option([], "--theme", help="theme(s) to score (repeatable; default: all)"),
+    video_paths: list[Path] = typer.Option(..., "--video-paths", "--video_paths",
+                                           help="checkpoint directories (the save_dir of bench infer); several "
+                                                "may follow one --video-paths"),
+    bench_dir: Path = typer.Option(..., "--bench-dir", "--bench_root",
+                                   help="Sparkle-Bench root (prompts, keywords, source videos)"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url",
+                                            help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
+    azure_endpoint: Optional[str] = typer.Option(None, "--azure-endpoint",
+                                                 help="Azure OpenAI endpoint instead of --judge-url (Sparkle's "
+                                                      "script: $AZURE_ENDPOINT; key in --api-key)"),
+    api_version: str = typer.Option("2024-03-01-preview", "--api-version", help="Azure OpenAI api-version"),
+    judge_model: str = typer.Option(..., "--judge-model", "--model_id", help="model name the server serves"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="API key (default: $OPENAI_API_KEY, else "
+                                          "$GEMINI_API_KEY with --azure-endpoint, else EMPTY)"),
+    themes: list[str] = typer.Option([], "--theme", "--edit_types", help="theme(s) to score (repeatable; "
+                                     "default: all); Sparkle's spelling takes several after one flag"),
     rubric: Optional[Path] = typer.Option(None, "--rubric", help="rubric text with {instruction} (default: packaged)"),
+    rubric_from: Optional[Path] = typer.Option(None, "--rubric-from",
+                                               help="Sparkle's eval_sparkle_bench_gemini.py: use its "
+                                                    "BACKGROUND_REPLACEMENT rubric (parsed, not run)"),
+    video_part: str = typer.Option("video_url", "--video-part",
+                                   help="video_url (vLLM) or image_url (data:video/mp4 in an image part, as "
+                                        "Sparkle's script sends to Gemini)"),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="requests in flight at most"),
     timeout: float = typer.Option(300.0, "--timeout", min=0.001, help="seconds per request"),
     retries: int = typer.Option(3, "--retries", min=0, help="retries per sample (errors and malformed replies)"),
@@ -780,20 +862,29 @@ def bench_eval(
     if bad:
         err.print(f"[red]error:[/red] unknown option(s): {' '.join(bad)}")
         raise typer.Exit(1)
-    dirs = [*video_paths, *(Path(a) for a in extra)]
+    # Words after one --video-paths are more checkpoints; after Sparkle's --edit_types, more themes.
+    more_themes = [a for a in extra if themes and a in bench_themes(bench_dir) and not Path(a).is_dir()]
+    dirs = [*video_paths, *(Path(a) for a in extra if a not in more_themes)]
     try:
+        if (judge_url is None) == (azure_endpoint is None):
+            raise InputError("give exactly one of --judge-url and --azure-endpoint")
+        if video_part not in VIDEO_PARTS:
+            raise InputError(f"--video-part must be one of {', '.join(VIDEO_PARTS)}, got {video_part!r}")
+        if rubric is not None and rubric_from is not None:
+            raise InputError("give at most one of --rubric and --rubric-from")
         missing = [str(d) for d in dirs if not d.is_dir()]
         if missing:
             raise InputError(f"checkpoint directory not found: {', '.join(missing)}")
-        text = load_rubric(rubric)
-        samples = load_bench(bench_dir, themes or None)
+        text = rubric_from_script(rubric_from) if rubric_from is not None else load_rubric(rubric)
+        samples = load_bench(bench_dir, [*themes, *more_themes] or None)
     except SparkleError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
-    settings = JudgeSettings(url=judge_url, model=judge_model,
-                             api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY", timeout_s=timeout,
+    key = api_key or os.environ.get("OPENAI_API_KEY") or (os.environ.get("GEMINI_API_KEY") if azure_endpoint else None)
+    settings = JudgeSettings(url=judge_url or "", model=judge_model, api_key=key or "EMPTY", timeout_s=timeout,
                              attempts=retries + 1, backoff_s=backoff, concurrency=concurrency,
-                             max_tokens=max_tokens or None)
+                             max_tokens=max_tokens or None, video_part=video_part, azure_endpoint=azure_endpoint,
+                             api_version=api_version)
     client = settings.client()
     summaries: dict[str, dict] = {}
     files: dict[str, dict[str, str]] = {}

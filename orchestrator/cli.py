@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sparkle.config import PipelineConfig
+from sparkle.config import SPARKLE_SIZE, PipelineConfig, default_size
 from sparkle.errors import SparkleError
 from sparkle.store import json_safe
 
@@ -77,7 +77,9 @@ def replace(
     keyword: Optional[str] = typer.Option(None, "--keyword", help='chosen_keyword "subtheme: scene" for the metadata'),
     force: bool = typer.Option(False, "--force", help="keep a clip that the camera filter refuses"),
     gates: bool = typer.Option(True, "--gates/--no-gates", help="reject samples below the EditScore gates"),
-    max_size: str = typer.Option("832x480", "--max-size", help="largest output size WxH (up to 1280x720)"),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="largest output size WxH (up to 1280x720); "
+                                           "default 1280x720 (Sparkle's) for --profile real, 832x480 for cpu "
+                                           "and tiny"),
     max_frames: int = typer.Option(81, "--max-frames", min=5, max=81, help="frames kept from t=0 (then 4k+1)"),
     profile: str = typer.Option("cpu", "--profile",
                                 help="backends: cpu (classical, default), tiny (random tiny models: use with "
@@ -91,7 +93,7 @@ def replace(
     from .local import replace_one  # heavy imports only when running
 
     try:
-        long_side, short_side = _parse_size(max_size)
+        long_side, short_side = _parse_size(max_size) if max_size else default_size(profile)
         config = PipelineConfig(profile=profile, conform={"max_long_side": long_side, "max_short_side": short_side,
                                                           "max_frames": max_frames}, control={"mode": control},
                                 catalogue=str(catalogue) if catalogue else None)
@@ -330,7 +332,8 @@ def enqueue_command(
                                         "manifest's folder)"),
     window: Optional[int] = typer.Option(None, "--window", min=1, help="samples in flight (SPARKLE_BULK_WINDOW)"),
     name: Optional[str] = typer.Option(None, "--dataset", help="dataset id (default: a hash of the manifest)"),
-    max_size: str = typer.Option("832x480", "--max-size", help="largest output size WxH"),
+    max_size: str = typer.Option("x".join(map(str, SPARKLE_SIZE)), "--max-size",
+                                 help="largest output size WxH (default: Sparkle's)"),
     max_frames: int = typer.Option(81, "--max-frames", min=5, max=81),
     detach: bool = typer.Option(False, "--detach", help="hand the run to the orchestrator workers and return"),
     poll_s: float = typer.Option(1.0, "--poll-s", min=0.05, help="seconds between progress checks"),
@@ -339,7 +342,6 @@ def enqueue_command(
     """Generate a dataset from MANIFEST: register it (deterministic sample ids), then keep a bounded window
     of samples in flight until every one is finished. Running it again after a crash of anything resumes
     the same run: no sample is added twice or lost."""
-    from sparkle.config import PipelineConfig
 
     from sparkle.settings import DistributedSettings
 

@@ -38,7 +38,7 @@ from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 
 from sparkle import layout
-from sparkle.config import PipelineConfig
+from sparkle.config import PipelineConfig, distributed_config
 from sparkle.errors import InputError, TooLarge
 from sparkle.serving import BodyLimit
 
@@ -103,7 +103,8 @@ async def _save_upload(upload: UploadFile, stem: Path, limit: int) -> Path:
 def build_gateway(settings: DistributedSettings | None = None, store=None, celery_app=None,
                   config: PipelineConfig | None = None) -> FastAPI:
     """The gateway app. ``store`` (default: ``SPARKLE_STORE_URL``), ``celery_app`` (default: the project's app)
-    and ``config`` (default: ``PipelineConfig()`` from ``SPARKLE_*``) can be given, as the tests do."""
+    and ``config`` (default: :func:`~sparkle.config.distributed_config`, ``SPARKLE_*`` at Sparkle's 1280x720) can
+    be given, as the tests do."""
     settings = settings or DistributedSettings()
     if store is None:
         from sparkle.store_s3 import open_store
@@ -111,7 +112,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         store = open_store(settings.store_url, settings)
     if celery_app is None:
         from .celery_app import app as celery_app
-    base_config = config or PipelineConfig()
+    base_config = config or distributed_config()
     keys = [k.strip() for k in (settings.gateway_api_keys.get_secret_value() if settings.gateway_api_keys else "")
             .split(",") if k.strip()]
     manifest_root = Path(settings.manifest_root) if settings.manifest_root else None

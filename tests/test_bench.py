@@ -25,7 +25,7 @@ from sparkle.orchestrator.bench import (DIMENSIONS, BenchSample, bench_app, cap_
                            parse_scores, read_records, reference_size, score_file, summarize)
 from sparkle.media import Video, read_video, write_png, write_video
 
-from .conftest import JUGGLE, PEDESTRIANS
+from .conftest import JUGGLE, PEDESTRIANS, REFERENCE
 from .loopback import LoopbackServer
 
 JUDGE = "test/judge-vl"  # a hub-style name: its "/" must not split the score file's name
@@ -132,6 +132,27 @@ def test_reference_conventions_area_multiples_of_32_and_4k_plus_1():
     assert conform_reference(Video(np.zeros((20, 64, 64, 3), np.uint8), 10.0)).shape[0] == 17
 
 
+def test_reference_framing_crops_the_centre_as_diffsynths_videodata():
+    """Sparkle's inference script frames a source with diffsynth's ``VideoData`` (``crop_and_resize``): the
+    832x468 juggle clip becomes 832x448 by cropping 10 rows off top and bottom, not by a 4.3 % squash; a
+    1920x1080-shaped frame is cropped to 1280:704 and resized. Compared with diffsynth's own function."""
+    from diffsynth.utils.data import crop_and_resize
+    from PIL import Image
+
+    clip = read_video(JUGGLE, max_frames=5)
+    assert clip.shape[1:] == (468, 832)
+    v = conform_reference(clip)
+    assert v.shape == (5, 448, 832)
+    np.testing.assert_array_equal(v.frames, clip.frames[:, 10:458])  # the centre rows, untouched
+    rng = np.random.default_rng(0)
+    for h, w in ((1080, 1920), (700, 1500), (1280, 720)):
+        frames = rng.integers(0, 256, (5, h, w, 3), dtype=np.uint8)
+        ow, oh = reference_size(w, h)
+        ours = conform_reference(Video(frames, 16.0)).frames
+        theirs = np.stack([np.asarray(crop_and_resize(Image.fromarray(f), oh, ow)) for f in frames])
+        np.testing.assert_array_equal(ours, theirs)
+
+
 # --- bench infer --------------------------------------------------------------------------------------------
 
 def test_infer_cpu_profile_writes_the_layout_at_15_fps_and_skips_on_rerun(bench_dir, cpu_ckpt):
@@ -219,9 +240,11 @@ def test_parse_and_cap():
 
 class FakeJudgeServer(LoopbackServer):
     """TEST DOUBLE of an OpenAI-compatible judge (``vllm serve Qwen/Qwen3-VL-...``): ``POST /v1/chat/completions``
-    on 127.0.0.1, uvicorn in a thread. ``script[(checkpoint, id)]`` is a list of steps consumed one per request:
-    ``("text", reply)``, ``("slow", seconds, reply)`` or ``("status", code)``; the sample is recognised by its
-    instruction in the rubric and the checkpoint by the edited video's bytes (``videos``: sha256 -> name)."""
+    on 127.0.0.1, uvicorn in a thread, and Azure OpenAI's ``POST /openai/deployments/{model}/chat/completions``.
+    ``script[(checkpoint, id)]`` is a list of steps consumed one per request: ``("text", reply)``,
+    ``("slow", seconds, reply)`` or ``("status", code)``; the sample is recognised by its instruction in the
+    rubric (the first part) and the checkpoint by the edited video's bytes (the third part; ``videos``:
+    sha256 -> name). Each request is recorded with its path, query and headers."""
 
     def __init__(self):
         self.script: dict[tuple[str, str], list] = {}
@@ -231,15 +254,18 @@ class FakeJudgeServer(LoopbackServer):
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
+        @app.post("/openai/deployments/{deployment}/chat/completions")
         async def chat(request: Request):
             body = await request.json()
             content = body["messages"][0]["content"]
-            rubric = content[-1]["text"]
-            sid = next(i for p, i in PROMPT_TO_ID.items() if f"Instruction: {p}" in rubric)
-            edited = base64.b64decode(content[3]["video_url"]["url"].split(",", 1)[1])
+            rubric = content[0]["text"]
+            sid = next(i for p, i in PROMPT_TO_ID.items() if p in rubric)
+            part = content[2]["type"]
+            edited = base64.b64decode(content[2][part]["url"].split(",", 1)[1])
             ckpt = self.videos.get(hashlib.sha256(edited).hexdigest(), "?")
             with self.lock:
-                self.requests.append({"body": body, "id": sid, "checkpoint": ckpt})
+                self.requests.append({"body": body, "id": sid, "checkpoint": ckpt, "path": request.url.path,
+                                      "query": dict(request.query_params), "headers": dict(request.headers)})
                 steps = self.script.get((ckpt, sid)) or [("status", 404)]
                 step = steps.pop(0) if len(steps) > 1 else steps[0]
             if step[0] == "status":
@@ -294,17 +320,18 @@ def test_eval_parses_caps_retries_accounts_failures_aggregates_and_resumes(bench
         summary = json.loads(r.stdout)
         n_first = len(judge.requests)
 
-        # request format: one user message, source then edited video as data URLs, rubric with the instruction
+        # request format (Sparkle's order): one user message, the rubric with the instruction, then the source
+        # and the edited video as data URLs
         body = judge.requests[0]["body"]
         assert body["model"] == JUDGE and body["temperature"] == 0 and body["seed"] == 42
         kinds = [p["type"] for p in body["messages"][0]["content"]]
-        assert kinds == ["text", "video_url", "text", "video_url", "text"]
+        assert kinds == ["text", "video_url", "video_url"]
         sid = judge.requests[0]["id"]
         theme = SAMPLES[sid][0]
         src = base64.b64decode(body["messages"][0]["content"][1]["video_url"]["url"].split(",", 1)[1])
         assert body["messages"][0]["content"][1]["video_url"]["url"].startswith("data:video/mp4;base64,")
         assert src == (bench_dir / f"source_videos/{theme}/{sid}.mp4").read_bytes()
-        assert "{instruction}" not in body["messages"][0]["content"][-1]["text"]
+        assert "{instruction}" not in body["messages"][0]["content"][0]["text"]
 
         # per-sample records, in each checkpoint directory, named after the (sanitised) judge model
         f_loc, f_sea = score_file(cpu, "location", JUDGE), score_file(cpu, "season", JUDGE)
@@ -376,4 +403,81 @@ def test_custom_rubric_needs_the_instruction_placeholder(tmp_path):
         bench.load_rubric(p)
     p.write_text("Judge {instruction} with {braces} kept.")
     req = bench.build_judge_request("m", bench.load_rubric(p), "a lake", __file__, __file__)
-    assert req["messages"][0]["content"][-1]["text"] == "Judge a lake with {braces} kept."
+    assert req["messages"][0]["content"][0]["text"] == "Judge a lake with {braces} kept."
+
+
+SPARKLE_EVAL = REFERENCE / "eval_sparkle_bench_gemini.py"
+
+
+def sparkle_rubric() -> str:
+    """``BACKGROUND_REPLACEMENT`` as Sparkle's own module defines it: the script imported (its module level
+    builds an Azure client from two environment variables, which is all it needs; nothing is sent)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("sparkle_eval_reference", SPARKLE_EVAL)
+    module = importlib.util.module_from_spec(spec)
+    saved = {k: os.environ.get(k) for k in ("AZURE_ENDPOINT", "GEMINI_API_KEY")}
+    os.environ.update(AZURE_ENDPOINT="https://example.invalid", GEMINI_API_KEY="unused")
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return module.BACKGROUND_REPLACEMENT
+
+
+def test_rubric_from_sparkles_script_azure_transport_and_sparkles_option_spellings(bench_dir, cpu_ckpt):
+    """``--rubric-from`` sends exactly ``BACKGROUND_REPLACEMENT.format(edit_prompt=prompt)`` (the script parsed,
+    not run), followed by the source and the edited video as ``image_url`` parts holding ``data:video/mp4``
+    (``--video-part image_url``), to an Azure OpenAI endpoint (``api-key`` header, ``api-version``), all
+    given with Sparkle's own option spellings (``--video_paths``, ``--bench_root``, ``--model_id``,
+    ``--edit_types`` with several themes after it)."""
+    cpu, _ = cpu_ckpt
+    template = sparkle_rubric()
+    with FakeJudgeServer() as judge:
+        judge.register("cpu", cpu)
+        judge.script = {("cpu", sid): [("text", reply([4, 4, 4, 4, 4, 4]))] for sid in SAMPLES}
+        model = "gemini-2.5-pro"  # Sparkle's judge (its own score files: the cpu checkpoint has others' already)
+        args = ["bench", "eval", "--video_paths", cpu, "--bench_root", bench_dir, "--model_id", model,
+                "--azure-endpoint", f"http://127.0.0.1:{judge.port}", "--api-key", "secret-key",
+                "--rubric-from", SPARKLE_EVAL, "--video-part", "image_url", "--edit_types", "location", "season",
+                "--retries", "0", "--json"]
+        r = CliRunner().invoke(cli(), [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        assert sorted(q["id"] for q in judge.requests) == sorted(SAMPLES)  # both themes, one checkpoint
+        for q in judge.requests:
+            content = q["body"]["messages"][0]["content"]
+            assert content[0] == {"type": "text", "text": template.format(edit_prompt=SAMPLES[q["id"]][2])}
+            assert [p["type"] for p in content] == ["text", "image_url", "image_url"]
+            assert content[1]["image_url"]["url"].startswith("data:video/mp4;base64,")
+            assert q["path"] == f"/openai/deployments/{model}/chat/completions"
+            assert q["query"]["api-version"] == "2024-03-01-preview" and q["headers"]["api-key"] == "secret-key"
+    assert json.loads(r.stdout)["checkpoints"][cpu.name]["MACRO"]["n"] == len(SAMPLES)
+
+
+def test_rubric_from_refuses_a_script_without_the_rubric(tmp_path):
+    bad = tmp_path / "eval.py"
+    bad.write_text("RUBRIC = 'x'\n")
+    with pytest.raises(bench.InputError, match="BACKGROUND_REPLACEMENT"):
+        bench.rubric_from_script(bad)
+    bad.write_text("BACKGROUND_REPLACEMENT = 'rate {video}'\n")
+    with pytest.raises(bench.InputError, match="edit_prompt"):
+        bench.rubric_from_script(bad)
+    bad.write_text("BACKGROUND_REPLACEMENT = 'Instruction: {edit_prompt}. Keep {{braces}}.'\nimport os; os._exit(9)\n")
+    assert bench.rubric_from_script(bad).replace("{instruction}", "x") == "Instruction: x. Keep {braces}."
+
+
+def test_default_rubric_scales_follow_sparkles():
+    """The packaged rubric's levels mean what Sparkle's mean: a still background for an instruction that
+    implies motion is a 1 for Background Dynamics (it was a 3), and a faithfully still one for a static
+    instruction is a 5; foreground damage sinks Instruction Compliance; every dimension has levels 1-5."""
+    text = bench.load_rubric()
+    dynamics = text.split("Background Dynamics\n", 1)[1].split("Background Visual Quality\n", 1)[0]
+    assert "1. The motion contradicts the instruction: a fully still background" in dynamics
+    assert "still background scores 5" in dynamics
+    compliance = text.split("Instruction Compliance\n", 1)[1].split("Overall Visual Quality\n", 1)[0]
+    assert "foreground was replaced" in compliance.split("\n2.")[0]
+    for name in DIMENSIONS:
+        block = text.split(f"\n{name}\n", 1)[1]
+        assert all(f"\n{k}. " in "\n" + block for k in range(1, 6)), name

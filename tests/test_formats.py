@@ -71,6 +71,55 @@ def test_conform_sizes_and_lengths():
     assert sample_indices(57, 10, 2) == list(range(0, 57, 5))
 
 
+def _numbered_clip(path, fps: float, n: int):
+    """``n`` frames at ``fps`` that carry their index in two flat halves, coarse enough for H.264 to keep:
+    left = 25 x (index % 10), right = 10 x (index // 10) (index < 250)."""
+    from sparkle.media import write_video
+
+    frames = np.zeros((n, 64, 96, 3), np.uint8)
+    for i in range(n):
+        frames[i, :, :48], frames[i, :, 48:] = 25 * (i % 10), 10 * (i // 10)
+    return write_video(path, frames, fps)
+
+
+def _source_index(frames: np.ndarray) -> list[int]:
+    w = frames.shape[2]
+    return [int(round(float(f[:, 4:w // 2 - 4].mean()) / 25)) + 10 * int(round(float(f[:, w // 2 + 4:-4].mean()) / 10))
+            for f in frames]
+
+
+@pytest.mark.parametrize("src_fps", [30, 10, 16])
+def test_conform_resamples_to_16_fps_by_timestamp_covering_the_same_seconds(tmp_path, src_fps):
+    """A 30 fps and a 10 fps source become 16 fps samples over the same seconds (frames dropped or repeated by
+    time), at most 81 frames (4k+1); a 16 fps source is unchanged. Decoding with ``fps`` and resampling a
+    decoded video in memory agree."""
+    from sparkle.media import conform, read_video
+
+    n = int(4 * src_fps)  # 4 s: 4 * 16 = 64 output frames, trimmed to 61 (4k+1)
+    path = _numbered_clip(tmp_path / f"c{src_fps}.mp4", src_fps, n)
+    cfg = ConformConfig(max_long_side=96, max_short_side=64)
+    assert cfg.fps == 16.0
+    video = conform(read_video(path, max_frames=cfg.max_frames, fps=cfg.fps), cfg)
+    assert video.fps == 16.0 and video.shape == (61, 64, 96)
+    expected = [int(np.floor(k / 16 * src_fps + 1e-6)) for k in range(61)]  # the frame on screen at k / 16 s
+    assert _source_index(video.frames) == expected
+    assert _source_index(conform(read_video(path), cfg).frames) == expected  # in memory, the same frames
+    # a long clip is decoded for max_frames / 16 seconds only: 81 frames = 5.06 s at 16 fps
+    long = _numbered_clip(tmp_path / "long.mp4", src_fps, int(8 * src_fps))
+    out = read_video(long, max_frames=81, fps=16)
+    assert out.shape[0] == 81 and _source_index(out.frames)[-1] == int(np.floor(80 / 16 * src_fps + 1e-6))
+    kept = conform(read_video(path, max_frames=81), ConformConfig(max_long_side=96, max_short_side=64, fps=None))
+    assert kept.fps == src_fps and kept.shape[0] == trimmed_length(n, 81)  # fps=None keeps the source's rate
+
+
+def test_resampling_follows_variable_frame_rate_timestamps():
+    from sparkle.media import resample_times
+
+    times = [0.0, 0.1, 0.15, 0.5, 0.55]  # a stall between 0.15 s and 0.5 s
+    assert resample_times(times, 0.6, 10) == [0, 1, 2, 2, 2, 3]
+    assert resample_times([0.0, 1 / 16, 2 / 16], 3 / 16, 16) == [0, 1, 2]  # exact stamps keep their slots
+
+
 @pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085", "\x0b", "\x1c"])
 def test_jsonl_and_csv_survive_line_breaks_that_json_keeps_raw(char, tmp_path):
     """A prompt holding U+2028 (or another break str.splitlines knows), a quote, a comma and a newline is

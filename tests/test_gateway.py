@@ -34,7 +34,8 @@ from pydantic import SecretStr
 
 from sparkle import layout
 from sparkle.errors import InputError
-from sparkle.media import MAX_SIDE_PX, MIN_SIDE_PX, check_resolution, read_video
+from sparkle.config import ConformConfig
+from sparkle.media import MAX_SIDE_PX, MIN_SIDE_PX, check_resolution, conformed_size, read_video
 from sparkle.orchestrator import datasets, jobs, journey
 from sparkle.orchestrator.celery_app import make_app
 from sparkle.orchestrator.gateway import MULTIPART_OVERHEAD, build_gateway
@@ -277,6 +278,27 @@ def test_theme_keyword_options_and_background_reach_the_checkpoint(gateway, medi
     assert cp.task.force is True and cp.task.enforce_gates is False
     conform = cp.config["conform"]
     assert (conform["max_long_side"], conform["max_short_side"], conform["max_frames"]) == (640, 320, 9)
+
+
+def test_the_distributed_run_defaults_to_sparkles_1280x720_at_16_fps(gateway, media, monkeypatch):
+    """Without ``max_size`` a job conforms to Sparkle's released size (1280x720, portrait 720x1280), 16 fps;
+    ``SPARKLE_CONFORM__*`` still overrides it, and the embedded cpu/tiny profiles keep 832x480."""
+    from sparkle.config import PipelineConfig, distributed_config
+
+    r = gateway.post_video(media["small"])
+    assert r.status_code == 202, r.text
+    conform = jobs.load_checkpoint(gateway.store, r.json()["id"]).config["conform"]
+    assert (conform["max_long_side"], conform["max_short_side"], conform["fps"]) == (1280, 720, 16.0)
+    assert conformed_size(720, 1280, ConformConfig(**conform))[2:] == (720, 1280)
+    monkeypatch.setenv("SPARKLE_CONFORM__MAX_LONG_SIDE", "640")
+    monkeypatch.setenv("SPARKLE_CONFORM__MAX_SHORT_SIDE", "368")
+    assert distributed_config().conform.max_long_side == 640
+    monkeypatch.delenv("SPARKLE_CONFORM__MAX_LONG_SIDE")
+    monkeypatch.delenv("SPARKLE_CONFORM__MAX_SHORT_SIDE")
+    sizes = {p: (c.conform.max_long_side, c.conform.max_short_side)
+             for p, c in ((p, PipelineConfig(profile=p)) for p in ("real", "cpu", "tiny"))}
+    assert sizes == {"real": (1280, 720), "cpu": (832, 480), "tiny": (832, 480)}
+    assert PipelineConfig(profile="real", conform={"max_long_side": 416, "max_short_side": 240}).conform.max_long_side == 416
 
 
 def test_prompt_may_be_left_out(gateway, media):

@@ -77,8 +77,28 @@ def display_rotation(stream, frame) -> int:
     return int(round(rot / 90.0)) * 90 % 360
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Video:
-    """Decode up to ``max_frames`` frames from t=0 (all if None), upright (display rotation applied).
+def resample_times(times: list[float] | np.ndarray, end_s: float, fps: float) -> list[int]:
+    """Which source frame each output frame at ``fps`` shows: output frame ``k`` (time ``k / fps``) is the
+    source frame on screen then, the last one whose presentation time is ``<= k / fps``.
+
+    ``times``: presentation times of the source frames (seconds from the first frame, increasing); ``end_s``:
+    when the last one leaves the screen (its time + one source frame period). Returns the source index of each
+    output frame, ``k / fps < end_s``: the output covers the same seconds (30 fps -> frames dropped, 10 fps ->
+    frames repeated; variable frame rates follow their timestamps).
+    """
+    times = np.asarray(times, dtype=np.float64)
+    n = int(np.ceil(end_s * fps - 1e-6))
+    at = np.arange(n) / fps + 1e-6  # a frame stamped exactly at k / fps is shown at k / fps
+    return [int(i) for i in np.maximum(np.searchsorted(times, at, side="right") - 1, 0)]
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None, fps: float | None = None) -> Video:
+    """Decode frames from t=0, upright (display rotation applied): up to ``max_frames`` (all if None).
+
+    ``fps``: resample to this rate by timestamp while decoding (:func:`resample_times`): up to ``max_frames``
+    frames at ``fps`` are returned, covering the same seconds as the source (a 30 fps clip is decoded for
+    ``max_frames / fps`` seconds); None keeps the source's frames and rate. Memory holds the returned frames
+    and one more.
 
     Raises InputError for a missing, empty or undecodable file, or one without a video stream/frames.
     """
@@ -90,24 +110,51 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> Video:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            fps = float(rate) if rate else 0.0
-            frames, rot = [], None
-            for frame in container.decode(stream):
+            src_fps = float(rate) if rate else 0.0
+            if not src_fps or not np.isfinite(src_fps) or src_fps <= 0:
+                raise InputError(f"cannot tell the frame rate of {p}")
+            frames: list[np.ndarray] = []
+            rot = None
+
+            def rgb(frame) -> np.ndarray:
+                arr = frame.to_ndarray(format="rgb24")
+                return np.ascontiguousarray(np.rot90(arr, k=rot // 90)) if rot else arr
+
+            def full() -> bool:
+                return max_frames is not None and len(frames) >= max_frames
+
+            # (fps) the frame on screen (converted only if an output slot shows it), its time, the next slot
+            t0, held, held_arr, held_t, k = None, None, None, 0.0, 0
+            for n, frame in enumerate(container.decode(stream)):
                 if rot is None:
                     rot = display_rotation(stream, frame)
-                arr = frame.to_ndarray(format="rgb24")
-                frames.append(np.ascontiguousarray(np.rot90(arr, k=rot // 90)) if rot else arr)
-                if max_frames is not None and len(frames) >= max_frames:
+                if fps is None:
+                    frames.append(rgb(frame))
+                    if full():
+                        break
+                    continue
+                t = frame.time if frame.time is not None else n / src_fps
+                t0 = t if t0 is None else t0
+                t = max(t - t0, held_t)  # seconds from the first frame, never backwards
+                while held is not None and k / fps + 1e-6 < t and not full():  # slots before this frame
+                    held_arr = rgb(held) if held_arr is None else held_arr
+                    frames.append(held_arr)
+                    k += 1
+                if full():
                     break
+                held, held_arr, held_t = frame, None, t
+            if fps is not None and held is not None:  # the last frame stays on screen for one source period
+                while k / fps + 1e-6 < held_t + 1.0 / src_fps and not full():
+                    held_arr = rgb(held) if held_arr is None else held_arr
+                    frames.append(held_arr)
+                    k += 1
     except InputError:
         raise
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"not a decodable video: {p} ({exc.__class__.__name__}: {exc})") from exc
     if not frames:
         raise InputError(f"no decodable frames in {p}")
-    if not fps or not np.isfinite(fps) or fps <= 0:
-        raise InputError(f"cannot tell the frame rate of {p}")
-    return Video(np.stack(frames), fps)
+    return Video(np.stack(frames), float(fps) if fps is not None else src_fps)
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
@@ -180,10 +227,18 @@ def resize_crop(image: np.ndarray, scaled: tuple[int, int], out: tuple[int, int]
 
 
 def conform(video: Video, cfg: ConformConfig) -> Video:
-    """The source as the pipeline uses it: frames trimmed to 4k+1 (<= max_frames), sides multiples of 16.
+    """The source as the pipeline uses it: at ``cfg.fps`` (16, Wan2.2's rate, unless None), frames trimmed to
+    4k+1 (<= max_frames), sides multiples of 16.
 
-    Raises InputError when fewer than 5 frames remain (one 4-frame latent step is the least Wan handles).
+    A video not yet at ``cfg.fps`` is resampled by time (:func:`resample_times`, frames evenly spaced at its
+    own rate); decode with ``read_video(path, fps=cfg.fps)`` to follow the file's own timestamps and to decode
+    only the seconds that are kept. Raises InputError when fewer than 5 frames remain (one 4-frame latent
+    step is the least Wan handles).
     """
+    if cfg.fps is not None and abs(video.fps - cfg.fps) > 1e-6:
+        t_src = video.shape[0]
+        index = resample_times(np.arange(t_src) / video.fps, t_src / video.fps, cfg.fps)
+        video = Video(video.frames[index[:cfg.max_frames]], float(cfg.fps))
     t_in, h, w = video.shape
     t = trimmed_length(t_in, cfg.max_frames)
     if t < 5:
