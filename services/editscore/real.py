@@ -13,7 +13,15 @@ What comes from ``editscore`` 0.2 (read from its code, not copied):
   as ``Qwen25VL.__init__`` does; bfloat16 on CUDA (float32 on CPU);
 - the parser: ``editscore.json_parser.parse_vlm_output_to_dict`` (the one ``EditScore.batch_evaluate`` uses);
 - the formula: ``SC = min(SC criteria) / (score_range / 10)``, ``PQ = min(PQ criteria) / (score_range / 10)``,
-  ``O = sqrt(SC * PQ)``, all 0..10.
+  ``O = sqrt(SC * PQ)``, all 0..10;
+- the self-ensemble: ``num_pass`` passes (pass ``i`` sampled with seed ``seed + i``), reduced by
+  ``average_last`` (every score, ``O`` included, is the mean of its per-pass values; ``average_first`` instead
+  takes ``O`` from the averaged sub-scores), as ``EditScore.evaluate`` / ``batch_evaluate`` do. **Sparkle's
+  records are 4-pass averages** (``NUM_PASS``): its README's example ``SC 9.0, PQ 8.5, O 8.71996`` cannot be one
+  pass (``sqrt(9.0 * 8.5) = 8.746``), and 4 passes of integer 0..25 answers reproduce all five example
+  records of the README exactly (``tests/services/test_editscore_models.py``); its gates (8, 8.5, mean 8) were
+  set on such averages. Reasonings and raw outputs: the last pass's for image scores (``evaluate``), the first
+  pass's for frame scores (``batch_evaluate``); every pass's scores are kept in ``passes``.
 
 Why not ``EditScore(backbone="qwen25vl")`` itself: its Qwen25VL wrapper loads by hub name with
 ``device_map="auto"`` and moves inputs to ``"cuda"`` unconditionally, and its ``evaluate`` retries and finally
@@ -62,6 +70,13 @@ N_CRITERIA = 2
 """Scores per answer: SC ``[editing success, overediting]``, PQ ``[naturalness, artifacts]`` (the prompts)."""
 
 TASKS = ("edit_background", "remove_foreground")
+
+NUM_PASS = 4
+"""Passes averaged per score: Sparkle's records are 4-pass averages (EditScore's ``num_pass=4``, see above)."""
+
+REDUCTIONS = ("average_last", "average_first")
+"""EditScore's ``reduction``: ``average_last`` (default) averages per-pass ``O``; ``average_first`` recomputes
+``O`` from the averaged sub-scores."""
 
 
 @dataclass(frozen=True)
@@ -135,11 +150,12 @@ class QwenVLJudge:
             self.model, self.processor = self._load()
             self.processor.tokenizer.padding_side = "left"  # batched generation continues on the right
 
-    def generate(self, requests: list[tuple[list[np.ndarray], str]]) -> list[str]:
+    def generate(self, requests: list[tuple[list[np.ndarray], str]], seed: int | None = None) -> list[str]:
         """One answer per ``(images, prompt)``; images ``(H, W, 3) uint8`` RGB, 1 or 2 per prompt.
 
         All requests go through one ``generate`` call (EditScore's template, images resized by
-        ``qwen_vl_utils.process_vision_info``); answers are decoded without special tokens and stripped.
+        ``qwen_vl_utils.process_vision_info``), sampled after seeding with ``seed`` (default
+        ``sampling.seed``); answers are decoded without special tokens and stripped.
         """
         import torch
         from editscore.mllm_tools.qwen25vl import apply_chat_template
@@ -156,7 +172,7 @@ class QwenVLJudge:
         inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         inputs = inputs.to(self.model.device)
         s = self.sampling
-        torch.manual_seed(s.seed)  # seeds CUDA too; EditScore's set_seed(seed) before every generate
+        torch.manual_seed(s.seed if seed is None else seed)  # seeds CUDA too; EditScore's set_seed(seed)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=s.max_new_tokens, do_sample=True,
                                       temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
@@ -168,41 +184,80 @@ class QwenVLJudge:
 class EditScoreScorer:
     """The :class:`sparkle.backends.Scorer` on a judge with ``setup()`` and ``generate(requests) -> [str]``.
 
-    ``max_batch``: prompts per ``generate`` call (8 = the 4 frames of stage 5, SC + PQ each).
+    ``max_batch``: prompts per ``generate`` call (8 = the 4 frames of stage 5, SC + PQ each). ``num_pass``:
+    passes averaged per score (:data:`NUM_PASS`); ``reduction``: one of :data:`REDUCTIONS`; ``seed``: pass
+    ``i`` is sampled with ``seed + i`` (default: the judge's sampling seed, EditScore's 42). Raises
+    ValueError for ``num_pass < 1`` or an unknown reduction.
     """
 
-    def __init__(self, judge, name: str = SCORER, score_range: int = SCORE_RANGE, max_batch: int = 8):
+    def __init__(self, judge, name: str = SCORER, score_range: int = SCORE_RANGE, max_batch: int = 8,
+                 num_pass: int = NUM_PASS, reduction: str = "average_last", seed: int | None = None):
+        if int(num_pass) < 1:
+            raise ValueError(f"num_pass must be >= 1, got {num_pass}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.judge = judge
         self.name = name
         self.score_range = score_range
         self.max_batch = max_batch
+        self.num_pass, self.reduction = int(num_pass), reduction
+        self.seed = seed if seed is not None else getattr(getattr(judge, "sampling", None), "seed", Sampling.seed)
         self.sc_prompt, self.pq_prompt = editscore_prompts(score_range)
 
     def setup(self) -> None:
         """Load the judge's weights (once)."""
         self.judge.setup()
 
-    def _judge(self, pairs: list[tuple[np.ndarray, np.ndarray]], instruction: str | list[str]) -> list[dict]:
-        """SC on each ``(source, edited)`` and PQ on each ``edited``, SC prompts first (as ``batch_evaluate``).
+    def _judge(self, pairs: list[tuple[np.ndarray, np.ndarray]],
+               instruction: str | list[str]) -> list[list[dict]]:
+        """SC on each ``(source, edited)`` and PQ on each ``edited``, SC prompts first (as ``batch_evaluate``),
+        ``num_pass`` times.
 
         ``instruction``: one for every pair, or one per pair (pairs of several requests judged together).
+        Returns one list per pair: its ``num_pass`` passes in order, each ``{"sc": [2 criteria], "SC", "PQ",
+        "O", "sc_reason", "pq_reason", "sc_raw", "pq_raw"}`` (0..10).
         """
         instructions = [instruction] * len(pairs) if isinstance(instruction, str) else list(instruction)
         requests = ([([a, b], self.sc_prompt.replace("<instruction>", text)) for (a, b), text in zip(pairs, instructions)]
                     + [([b], self.pq_prompt) for _, b in pairs])
-        answers = []
-        for i in range(0, len(requests), self.max_batch):
-            answers += self.judge.generate(requests[i:i + self.max_batch])
         n = len(pairs)
-        out = []
-        for sc_raw, pq_raw in zip(answers[:n], answers[n:]):
-            sc_crit, sc_reason = parse_judgement(sc_raw, self.score_range)
-            pq_crit, pq_reason = parse_judgement(pq_raw, self.score_range)
-            sc_crit, pq_crit = sc_crit or [0.0] * N_CRITERIA, pq_crit or [0.0] * N_CRITERIA
-            sc_score, pq_score = min(sc_crit), min(pq_crit)
-            out.append({"sc": sc_crit, "SC": sc_score, "PQ": pq_score, "O": math.sqrt(sc_score * pq_score),
-                        "sc_reason": sc_reason, "pq_reason": pq_reason, "sc_raw": sc_raw, "pq_raw": pq_raw})
+        out: list[list[dict]] = [[] for _ in pairs]
+        for p in range(self.num_pass):
+            answers = []
+            for i in range(0, len(requests), self.max_batch):
+                answers += self.judge.generate(requests[i:i + self.max_batch], seed=self.seed + p)
+            for k, (sc_raw, pq_raw) in enumerate(zip(answers[:n], answers[n:])):
+                sc_crit, sc_reason = parse_judgement(sc_raw, self.score_range)
+                pq_crit, pq_reason = parse_judgement(pq_raw, self.score_range)
+                sc_crit, pq_crit = sc_crit or [0.0] * N_CRITERIA, pq_crit or [0.0] * N_CRITERIA
+                sc_score, pq_score = min(sc_crit), min(pq_crit)
+                out[k].append({"sc": sc_crit, "SC": sc_score, "PQ": pq_score, "O": math.sqrt(sc_score * pq_score),
+                               "sc_reason": sc_reason, "pq_reason": pq_reason, "sc_raw": sc_raw, "pq_raw": pq_raw})
         return out
+
+    def image_score(self, passes: list[dict]) -> ImageScore:
+        """Reduce one image's passes as ``EditScore.evaluate``: sub-scores and ``overall`` are per-pass means
+        (``average_first``: ``overall = sqrt(prompt_following * perceptual_quality)`` of the means, as there);
+        reasonings of the last pass. ``passes`` keeps every pass's four scores."""
+        per_pass = [{"prompt_following": p["sc"][0], "consistency": p["sc"][1], "perceptual_quality": p["PQ"],
+                     "overall": p["O"]} for p in passes]
+        mean = {k: float(np.mean([p[k] for p in per_pass])) for k in per_pass[0]}
+        if self.reduction == "average_first":
+            mean["overall"] = math.sqrt(mean["prompt_following"] * mean["perceptual_quality"])
+        return ImageScore(**mean, SC_reasoning=passes[-1]["sc_reason"], PQ_reasoning=passes[-1]["pq_reason"],
+                          passes=per_pass)
+
+    def frame_score(self, passes: list[dict]) -> FrameScore:
+        """Reduce one frame's passes as ``EditScore.batch_evaluate``: ``SC_score``, ``PQ_score``, ``O_score``
+        are per-pass means (``average_first``: ``O = sqrt(SC * PQ)`` of the means); reasonings and raw outputs
+        of the first pass. ``passes`` keeps every pass's three scores."""
+        per_pass = [{"SC_score": p["SC"], "PQ_score": p["PQ"], "O_score": p["O"]} for p in passes]
+        mean = {k: float(np.mean([p[k] for p in per_pass])) for k in per_pass[0]}
+        if self.reduction == "average_first":
+            mean["O_score"] = math.sqrt(mean["SC_score"] * mean["PQ_score"])
+        first = passes[0]
+        return FrameScore(**mean, SC_score_reasoning=first["sc_reason"], PQ_score_reasoning=first["pq_reason"],
+                          SC_raw_output=first["sc_raw"], PQ_raw_output=first["pq_raw"], passes=per_pass)
 
     def score_image(self, ctx: SampleContext, source: np.ndarray, edited: np.ndarray,
                     instruction: str, task: str) -> ImageScore:
@@ -220,8 +275,7 @@ class EditScoreScorer:
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         results = self._judge([(source, edited) for _, source, edited, _, _ in items], [i[3] for i in items])
-        return [ImageScore(prompt_following=r["sc"][0], consistency=r["sc"][1], perceptual_quality=r["PQ"],
-                           overall=r["O"], SC_reasoning=r["sc_reason"], PQ_reasoning=r["pq_reason"]) for r in results]
+        return [self.image_score(passes) for passes in results]
 
     def score_frames(self, ctx: SampleContext, source: np.ndarray, edited: np.ndarray,
                      frame_indices: list[int], instruction: str) -> list[FrameScore]:
@@ -238,9 +292,7 @@ class EditScoreScorer:
             pairs += [(source[i], edited[i]) for i in frame_indices]
             instructions += [instruction] * len(frame_indices)
             counts.append(len(frame_indices))
-        scores = [FrameScore(SC_score=r["SC"], PQ_score=r["PQ"], O_score=r["O"], SC_score_reasoning=r["sc_reason"],
-                             PQ_score_reasoning=r["pq_reason"], SC_raw_output=r["sc_raw"], PQ_raw_output=r["pq_raw"])
-                  for r in self._judge(pairs, instructions)]
+        scores = [self.frame_score(passes) for passes in self._judge(pairs, instructions)]
         out, start = [], 0
         for n in counts:
             out.append(scores[start:start + n])
@@ -302,12 +354,13 @@ def make_backend(model_dir=None, device=None, **options) -> EditScoreScorer:
     files) and ``model_dir/lora/`` = ``EditScore/EditScore-7B`` (``adapter_config.json`` + adapter weights).
     Options: ``base_dir`` / ``lora_dir`` (override the two folders; then ``model_dir`` may be None),
     ``merged=True`` (``base_dir``/``model_dir`` already holds the LoRA merged in, e.g. the folder EditScore's
-    vLLM path writes: no ``lora/``), ``name``, ``score_range`` (25), ``max_batch`` (8), ``temperature``,
+    vLLM path writes: no ``lora/``), ``name``, ``score_range`` (25), ``max_batch`` (8), ``num_pass`` (4),
+    ``reduction`` (``average_last``), ``temperature``,
     ``top_p``, ``top_k``, ``max_new_tokens``, ``seed`` (see :class:`Sampling`). Raises ConfigError naming
     every missing path.
     """
-    unknown = set(options) - {"base_dir", "lora_dir", "merged", "name", "score_range", "max_batch",
-                              *Sampling.__dataclass_fields__}
+    unknown = set(options) - {"base_dir", "lora_dir", "merged", "name", "score_range", "max_batch", "num_pass",
+                              "reduction", *Sampling.__dataclass_fields__}
     if unknown:
         raise ConfigError(f"unknown editscore options: {sorted(unknown)}")
     merged = bool(options.pop("merged", False))

@@ -47,13 +47,15 @@ class ScriptedVLM:
     def __init__(self, answers: list[str]):
         self.answers = list(answers)
         self.calls: list[list[tuple[list[np.ndarray], str]]] = []
+        self.seeds: list[int | None] = []
         self.setups = 0
 
     def setup(self) -> None:
         self.setups += 1
 
-    def generate(self, requests):
+    def generate(self, requests, seed=None):
         self.calls.append(requests)
+        self.seeds.append(seed)
         out, self.answers = self.answers[:len(requests)], self.answers[len(requests):]
         assert len(out) == len(requests), "script ran out of answers"
         return out
@@ -92,7 +94,7 @@ def test_prompts_and_template_are_editscores():
 def test_score_image_formula_prompts_and_mapping(clip):
     src, edited = clip.frames[0], clip.frames[0][:, ::-1].copy()
     vlm = ScriptedVLM([sc_answer(20, 15), '{"reasoning": "Natural light, no artifacts.", "score": [22, 18]}'])
-    scorer = real.EditScoreScorer(vlm, name="scripted")
+    scorer = real.EditScoreScorer(vlm, name="scripted", num_pass=1)
     scorer.setup()
     s = scorer.score_image(ctx_of(clip), src, edited, INSTRUCTION, "edit_background")
     assert isinstance(s, ImageScore) and vlm.setups == 1
@@ -118,7 +120,7 @@ def test_score_frames_batches_all_frames_and_keeps_raw_outputs(clip):
     sc = [sc_answer(25, 25 - i, f"frame {i}") for i in range(4)]
     pq = ["{'reasoning': 'ok %d', 'score': [%d, 20]}" % (i, 10 + i) for i in range(4)]  # single quotes: repaired
     vlm = ScriptedVLM(sc + pq)
-    scores = real.EditScoreScorer(vlm).score_frames(ctx_of(clip), src, edited, FRAMES, INSTRUCTION)
+    scores = real.EditScoreScorer(vlm, num_pass=1).score_frames(ctx_of(clip), src, edited, FRAMES, INSTRUCTION)
     assert len(vlm.calls) == 1 and len(vlm.calls[0]) == 8  # 4 frames x (SC, PQ) in one batched generate
     for k, i in enumerate(FRAMES):
         images, _ = vlm.calls[0][k]
@@ -147,7 +149,7 @@ def test_concurrent_requests_are_judged_in_one_batched_generate(clip, tmp_path):
     vlm = ScriptedVLM([sc_answer(20, 15), sc_answer(10, 5), '{"reasoning": "a", "score": [22, 18]}',
                        '{"reasoning": "b", "score": [12, 8]}'])
     settings = ServeSettings(load_in_background=False, max_batch_size=4, batch_timeout_s=0.5)
-    with TestClient(build_app(API(real.EditScoreScorer(vlm), store), settings)) as client, \
+    with TestClient(build_app(API(real.EditScoreScorer(vlm, num_pass=1), store), settings)) as client, \
             ThreadPoolExecutor(2) as pool:
         bodies = [{"sample": ref, "source": "s/a.png", "edited": "s/b.png", "instruction": text,
                    "task": "edit_background"} for text in ("first instruction", "second instruction")]
@@ -157,6 +159,69 @@ def test_concurrent_requests_are_judged_in_one_batched_generate(clip, tmp_path):
     sc_prompts = [prompt for _, prompt in vlm.calls[0][:2]]
     assert sorted(p.rstrip().rsplit(": ", 1)[1] for p in sc_prompts) == ["first instruction", "second instruction"]
     assert sorted(a["score"]["prompt_following"] for a in answers) == pytest.approx([4.0, 8.0])
+
+
+# Sparkle's README example records (edited_frame0_score.jsonl, edited_video_score.jsonl) and, for each, EditScore
+# answers on the 0..25 scale for passes 0-3 that give exactly those numbers under num_pass=4, average_last
+# (found by enumerating every 4-pass combination of integer answers; a single pass cannot give SC 9.0, PQ 8.5,
+# O 8.71996, since sqrt(9.0 * 8.5) = 8.746).
+README_FRAME0 = {"prompt_following": 9.7, "consistency": 8.8, "perceptual_quality": 8.5, "overall": 8.62887857991077}
+FRAME0_PASSES = [(24, 20, 23), (25, 23, 18), (23, 22, 21), (25, 23, 23)]  # SC [success, overediting], min PQ
+README_FRAMES = [(9.0, 8.5, 8.719958110896453), (8.3, 8.5, 8.388302424289282), (9.1, 7.4, 8.143194240945185),
+                 (8.9, 7.8, 8.318623075017307)]  # (SC_score, PQ_score, O_score) at frame_indices [1, 26, 51, 76]
+FRAME_PASSES = [[(23, 23), (23, 17), (24, 22), (20, 23)], [(20, 21), (20, 21), (20, 23), (23, 20)],
+                [(22, 23), (23, 12), (23, 18), (23, 21)], [(22, 18), (22, 19), (22, 23), (23, 18)]]  # (min SC, min PQ)
+
+
+class PassVLM(ScriptedVLM):
+    """TEST DOUBLE: answers pass ``seed - 42`` of every request from ``answers[pass]`` (one list per pass)."""
+
+    def __init__(self, per_pass: list[list[str]]):
+        super().__init__([])
+        self.per_pass = per_pass
+
+    def generate(self, requests, seed=None):
+        self.calls.append(requests)
+        self.seeds.append(seed)
+        answers = self.per_pass[seed - 42]
+        assert len(answers) == len(requests)
+        return answers
+
+
+def test_four_passes_reproduce_sparkles_readme_records_exactly(clip):
+    """Sparkle's records are EditScore 4-pass averages (average_last): the default scorer samples pass i with
+    seed 42 + i and reproduces the README's five example records bit for bit; one pass cannot."""
+    assert real.NUM_PASS == 4
+    vlm = PassVLM([[sc_answer(a, b, f"SC pass {i}"), '{"reasoning": "PQ pass %d", "score": [%d, 25]}' % (i, c)]
+                   for i, (a, b, c) in enumerate(FRAME0_PASSES)])
+    scorer = real.EditScoreScorer(vlm)
+    s = scorer.score_image(ctx_of(clip), clip.frames[0], clip.frames[1], INSTRUCTION, "edit_background")
+    assert vlm.seeds == [42, 43, 44, 45]
+    assert s.model_dump(exclude={"passes", "SC_reasoning", "PQ_reasoning"}) == README_FRAME0  # exact floats
+    assert (s.SC_reasoning, s.PQ_reasoning) == ("SC pass 3", "PQ pass 3")  # evaluate: the last pass's
+    assert [p["perceptual_quality"] for p in s.passes] == [c / 2.5 for _, _, c in FRAME0_PASSES]
+
+    per_pass = [[sc_answer(FRAME_PASSES[f][i][0], 25, f"frame {f} pass {i}") for f in range(4)]
+                + ['{"reasoning": "PQ", "score": [25, %d]}' % FRAME_PASSES[f][i][1] for f in range(4)]
+                for i in range(4)]
+    vlm = PassVLM(per_pass)
+    frames = real.EditScoreScorer(vlm).score_frames(ctx_of(clip), clip.frames, clip.frames, [1, 6, 11, 16],
+                                                    INSTRUCTION)
+    assert [(f.SC_score, f.PQ_score, f.O_score) for f in frames] == README_FRAMES  # exact floats
+    assert [f.SC_score_reasoning for f in frames] == [f"frame {f} pass 0" for f in range(4)]  # batch_evaluate
+    assert frames[0].SC_raw_output == per_pass[0][0]
+    # one pass (the old behaviour) gives pass 0's values, not the README's
+    single = real.EditScoreScorer(PassVLM(per_pass), num_pass=1).score_frames(
+        ctx_of(clip), clip.frames, clip.frames, [1, 6, 11, 16], INSTRUCTION)
+    assert [(f.SC_score, f.PQ_score, f.O_score) for f in single] != README_FRAMES
+    # average_first takes O from the averaged sub-scores
+    first = real.EditScoreScorer(PassVLM([[p[0], p[4]] for p in per_pass]), reduction="average_first").score_frames(
+        ctx_of(clip), clip.frames, clip.frames, [1], INSTRUCTION)
+    assert first[0].O_score == pytest.approx(math.sqrt(9.0 * 8.5))
+    with pytest.raises(ValueError, match="num_pass"):
+        real.EditScoreScorer(vlm, num_pass=0)
+    with pytest.raises(ValueError, match="reduction"):
+        real.EditScoreScorer(vlm, reduction="median")
 
 
 @pytest.mark.parametrize("bad, why", [
@@ -169,7 +234,7 @@ def test_concurrent_requests_are_judged_in_one_batched_generate(clip, tmp_path):
 ])
 def test_malformed_answers_score_zero_with_a_reason(clip, bad, why):
     vlm = ScriptedVLM([bad, sc_answer(20, 20)] * 2)
-    scorer = real.EditScoreScorer(vlm)
+    scorer = real.EditScoreScorer(vlm, num_pass=1)
     s = scorer.score_image(ctx_of(clip), clip.frames[0], clip.frames[1], INSTRUCTION, "remove_foreground")
     assert s.prompt_following == s.consistency == s.overall == 0.0 and s.perceptual_quality == 8.0
     assert s.SC_reasoning.startswith("[unparsable EditScore output") and why in s.SC_reasoning
@@ -205,7 +270,11 @@ def test_http_every_operation_on_tiny_qwen25vl(tmp_path, clip, tiny_backend):
             assert body.scorer == "editscore-tiny-random" and body.timings["total"] > 0
             values = (s.prompt_following, s.consistency, s.perceptual_quality, s.overall)
             assert all(0.0 <= v <= 10.0 for v in values)
-            assert s.overall == pytest.approx(math.sqrt(min(s.prompt_following, s.consistency) * s.perceptual_quality))
+            assert len(s.passes) == real.NUM_PASS  # average_last: overall is the mean of the per-pass overalls
+            for p in s.passes:
+                assert p["overall"] == pytest.approx(math.sqrt(min(p["prompt_following"], p["consistency"])
+                                                               * p["perceptual_quality"]))
+            assert s.overall == pytest.approx(np.mean([p["overall"] for p in s.passes]))
         r = c.post("/v1/score_frames", json={"sample": ref, "edited_video": "s/edited.mp4",
                                               "frame_indices": FRAMES, "instruction": INSTRUCTION})
         assert r.status_code == 200, r.text
@@ -213,10 +282,13 @@ def test_http_every_operation_on_tiny_qwen25vl(tmp_path, clip, tiny_backend):
         assert body.scorer == "editscore-tiny-random" and len(body.scores) == len(FRAMES)
         for f in body.scores:
             assert all(0.0 <= v <= 10.0 for v in (f.SC_score, f.PQ_score, f.O_score))
-            assert f.O_score == pytest.approx(math.sqrt(f.SC_score * f.PQ_score))
-            # random weights: garbage text, scored exactly as EditScore's parser reads it (mostly the 0 fallback)
-            for raw, score, reason in ((f.SC_raw_output, f.SC_score, f.SC_score_reasoning),
-                                       (f.PQ_raw_output, f.PQ_score, f.PQ_score_reasoning)):
+            assert len(f.passes) == real.NUM_PASS
+            assert f.O_score == pytest.approx(np.mean([math.sqrt(p["SC_score"] * p["PQ_score"]) for p in f.passes]))
+            # random weights: garbage text, scored exactly as EditScore's parser reads it (mostly the 0 fallback);
+            # the raw outputs and reasonings are the first pass's (batch_evaluate)
+            first = f.passes[0]
+            for raw, score, reason in ((f.SC_raw_output, first["SC_score"], f.SC_score_reasoning),
+                                       (f.PQ_raw_output, first["PQ_score"], f.PQ_score_reasoning)):
                 criteria, expected_reason = real.parse_judgement(raw)
                 assert score == pytest.approx(min(criteria) if criteria else 0.0) and reason == expected_reason
                 assert criteria is not None or reason.startswith("[unparsable EditScore output")
