@@ -1,7 +1,7 @@
 """Grounding service (Qwen3-VL, served by vLLM): its operations, their models, and its client.
 
 ``POST /v1/describe``, ``/v1/ground_round1``, ``/v1/ground_round2``, ``/v1/check_camera_motion``,
-``/v1/write_instruction``. A real backend talking to a vLLM server declares ``max_concurrency`` (default 8), so
+``/v1/write_instruction``, ``/v1/caption``. A real backend talking to a vLLM server declares ``max_concurrency`` (default 8), so
 that many requests reach vLLM at once and its continuous batching works.
 """
 
@@ -11,6 +11,7 @@ from pydantic import Field
 
 from sparkle.artifacts import ImageRef, VideoRef
 from sparkle.backends import GroundedObject
+from sparkle.captions import Captions
 from sparkle.errors import InputError
 from sparkle.service import OpRequest, OpResponse, SampleRef, ServiceAPI, ServiceClient, operation
 
@@ -61,6 +62,15 @@ class TextResponse(OpResponse):
     text: str
 
 
+class CaptionRequest(OpRequest):
+    instruction: str = Field(min_length=1, max_length=4000)
+    labels: list[str] = Field(default_factory=list, max_length=32, description="round-1 labels")
+
+
+class CaptionResponse(OpResponse):
+    captions: Captions
+
+
 class GroundingAPI(ServiceAPI):
     """Qwen3-VL grounding: scene description, round-1 boxes on frame 0, round-2 boxes on 2-FPS frames."""
 
@@ -105,6 +115,12 @@ class GroundingAPI(ServiceAPI):
                                               req.chosen_keyword)
         return TextResponse(text=text)
 
+    @operation
+    def caption(self, req: CaptionRequest) -> CaptionResponse:
+        """The generators' prompts from the instruction: `background` (I2V: the new background alone, with its
+        motion) and `video` (Fun-Control: the subjects in front of it)."""
+        return CaptionResponse(captions=self.backend.caption(self.context(req.sample), req.instruction, req.labels))
+
 
 class GroundingClient(ServiceClient):
     """The grounding calls of the pipeline's stages. Frames travel as a slice of the stored source video
@@ -136,6 +152,9 @@ class GroundingClient(ServiceClient):
     def write_instruction(self, sample: SampleRef, frame0: ImageRef, edit_type: str, chosen_keyword: str | None) -> str:
         return self.call("write_instruction", sample, image=frame0.key, edit_type=edit_type,
                          chosen_keyword=chosen_keyword).text
+
+    def caption(self, sample: SampleRef, instruction: str, labels: list[str]) -> Captions:
+        return self.call("caption", sample, instruction=instruction, labels=list(labels)).captions
 
 
 API, Client = GroundingAPI, GroundingClient

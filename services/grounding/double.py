@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sparkle.backends import GroundedObject
+from sparkle.captions import captions_from_instruction
 from sparkle.doubles import BOX, Double
 
 
@@ -26,6 +27,11 @@ class DoubleGrounder(Double):
     def write_instruction(self, ctx, frame0, edit_type, chosen_keyword):
         self.sleep("grounding.write_instruction")
         return f"Replace the background with {(chosen_keyword or 'a quiet beach').split(': ')[-1]}"
+
+
+    def caption(self, ctx, instruction, labels):
+        self.sleep("grounding.caption")
+        return captions_from_instruction(instruction, labels)
 
 
 def make_backend(scale: float = 0.0, delay_s: float = 0.0, **_ignored) -> DoubleGrounder:

@@ -253,7 +253,7 @@ def test_every_service_declares_its_operations_once(sample):
 
     store = sample[0]
     expected = {"grounding": {"describe", "ground_round1", "ground_round2", "check_camera_motion",
-                              "write_instruction"},
+                              "write_instruction", "caption"},
                 "image_edit": {"edit_background", "remove_foreground"}, "i2v": {"animate"}, "tracking": {"bait"},
                 "control": {"synthesize"}, "editscore": {"score_image", "score_frames"}}
     for service, api in APIS.items():
