@@ -19,6 +19,9 @@ VIDEOS = Path(os.environ.get("SPARKLE_TEST_VIDEOS", REPO.parent / "shared" / "da
 JUGGLE = VIDEOS / "static_01_juggle.mp4"
 PEDESTRIANS = VIDEOS / "static_03_pedestrians_vtest.mp4"
 HANDHELD = VIDEOS / "moving_01_bedroom.mp4"
+REFERENCE = Path(os.environ.get("SPARKLE_REFERENCE", REPO.parent / "shared" / "reference" / "sparkle"))
+RELEASED = Path(os.environ.get("SPARKLE_RELEASED_PAIRS", REPO.parent / "shared" / "data" / "sparkle"))
+"""Four released Sparkle pairs (``*_source.mp4``, ``*_edited.mp4``: 1280x720, 16 fps, 81 frames; see SOURCES.md)."""
 SNOW_PROMPT = "Replace the background with a snowy mountain village at dusk, with softly falling snow"
 
 

@@ -57,6 +57,7 @@ NMS_PX = 7  # local-maximum window of the corner score, px at half analysis size
 LK_WIN = (11, 11)
 LK_LEVELS = 4
 LK_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 10, 0.03)  # 10 iterations or 0.03 px per level
+FB_MAX_PX = 1.0  # forward-backward error of a kept track in drift_from_first (px at the analysis width)
 
 
 @dataclass
@@ -216,10 +217,45 @@ def _pair_metrics(a: np.ndarray, b: np.ndarray, cfg: CameraFilterConfig,
             fit = band if band.sum() >= cfg.min_border_points else np.ones(len(p0), bool)
             H, inliers = cv2.findHomography(p0[fit], p1[fit], cv2.RANSAC, cfg.ransac_reproj_px)
             if H is not None:
+                still = _still_background(p0, p1, fit, H, w, h, cfg)
+                if still is not None:
+                    H, inliers, fit = still
                 flow = np.linalg.norm(p1 - p0, axis=1)
                 return PairMetrics(_corner_motion(H, w, h), float(np.median(flow[fit])),
                                    float(inliers.mean()), "features")
     return _fallback_metrics(a, b, cfg)
+
+
+def _still_background(p0: np.ndarray, p1: np.ndarray, fit: np.ndarray, H: np.ndarray, w: int, h: int,
+                      cfg: CameraFilterConfig):
+    """The still background behind a moving foreground that took RANSAC's consensus, if there is one.
+
+    ``p0``/``p1``: every tracked point of the pair; ``fit``: the points ``H`` was fitted on (the band's).
+    A subject filling the frame (someone talking to the camera, a car passing close) can hold more of the
+    band's points than the background does, and RANSAC then fits the subject's motion (and the band's median
+    flow is the subject's). If either moves (corner motion over ``cfg.max_corner_motion_px``, median flow over
+    ``cfg.max_border_flow_px``) while the tracked points hold a still set (flow under ``cfg.ransac_reproj_px``)
+    of at least ``cfg.min_border_points`` points and an eighth of all (3 of the 8x6 feature grid's 24 cells'
+    worth: a strip of background above a subject), the still set's own motion is the camera's: with a moving
+    camera the background moves, and a still set that large would need an object moving with the camera
+    over much of the frame (a car's dashboard), which the fine check still sees. The still set's motion is
+    measured, not assumed: a camera moving 1-3 px per pair is still measured as moving. Its motion is a
+    similarity fitted on it (``cv2.estimateAffinePartial2D``, RANSAC: a homography is degenerate on points
+    along one side of the frame). Returns ``(H, inliers, fit)`` for it (``fit``: indices into ``p0``), or None
+    to keep the first fit. (A synthetic subject over 85 % of the width and of the height, moving ~6 px per
+    pair, was measured as camera motion of 8-20 px per pair before; the still background now decides.)
+    """
+    flow = np.linalg.norm(p1 - p0, axis=1)
+    if _corner_motion(H, w, h) <= cfg.max_corner_motion_px and np.median(flow[fit]) <= cfg.max_border_flow_px:
+        return None
+    still = np.flatnonzero(flow < cfg.ransac_reproj_px)
+    if len(still) < max(cfg.min_border_points, len(p0) / 8):
+        return None
+    m, inliers = cv2.estimateAffinePartial2D(p0[still], p1[still], method=cv2.RANSAC,
+                                             ransacReprojThreshold=cfg.ransac_reproj_px)
+    if m is None:
+        return None
+    return np.vstack([m, [0.0, 0.0, 1.0]]), inliers.ravel().astype(bool), still
 
 
 def decide_from_grey(grey: list[np.ndarray] | np.ndarray, cfg: CameraFilterConfig) -> CameraDecision:
@@ -259,6 +295,67 @@ def decide_from_grey(grey: list[np.ndarray] | np.ndarray, cfg: CameraFilterConfi
     how = f" ({d['fallback_pairs']} of {len(metrics)} pairs by the low-texture fallback)" if d["fallback_pairs"] else ""
     return CameraDecision(True, f"fixed camera: corner motion {corner:.2f} px, border flow {border:.2f} px"
                                 f"{how}", **d)
+
+
+def drift_against(grey: list[np.ndarray] | np.ndarray, cfg: CameraFilterConfig,
+                  reference: int = 0) -> list[float | None]:
+    """Camera drift of each grey sample ``(N, H, W) uint8`` against sample ``reference``, px at their width
+    (0.0 for the reference itself).
+
+    Features of the reference (:func:`_features`) are tracked to sample k by Lucas-Kanade and back (tracks whose
+    round trip misses by ``FB_MAX_PX`` or more are dropped: Kalal et al.'s forward-backward error); a similarity transform
+    (translation, rotation, scale: ``cv2.estimateAffinePartial2D``, RANSAC at ``cfg.ransac_reproj_px``) is
+    fitted on the points of the frame's outer band (``cfg.border_fraction``), which shows the still
+    background even when a subject fills the middle (all points when the band has fewer than
+    ``cfg.min_border_points``, or the band's fit has fewer than half of them as inliers or an inlier ratio under
+    ``cfg.min_inlier_ratio``); the drift is the mean displacement of the four image corners under it. A
+    similarity, not the coarse filter's homography: over a whole clip a homography's perspective terms,
+    fitted on a band, can swing the far corners by hundreds of pixels on a still shot. Too few features: the
+    low-texture fallback's whole-frame shift. ``None`` where a pair cannot be measured; ``[]`` for fewer than
+    two samples. Bounds what pairwise motion misses: a slow pan under the per-pair threshold that adds up
+    over the clip. Raises IndexError for a reference outside the samples.
+    """
+    grey = [np.ascontiguousarray(g) for g in grey]
+    if len(grey) < 2:
+        return []
+    a = grey[reference]
+    h, w = a.shape
+    pts = _features(a, cfg)
+    corners = np.float32([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]])
+    out: list[float | None] = []
+    for k, b in enumerate(grey):
+        if k == reference:
+            out.append(0.0)
+            continue
+        drift = None
+        if len(pts) >= cfg.min_tracked_points:
+            nxt, status, _ = cv2.calcOpticalFlowPyrLK(a, b, pts, None, winSize=LK_WIN, maxLevel=LK_LEVELS,
+                                                      criteria=LK_CRITERIA)
+            back, status_back, _ = cv2.calcOpticalFlowPyrLK(b, a, nxt, None, winSize=LK_WIN, maxLevel=LK_LEVELS,
+                                                            criteria=LK_CRITERIA)
+            # forward-backward check: a track that does not come back to within FB_MAX_PX of its start was lost
+            # (codec noise on a dark sky, a feature that left the frame)
+            fb = np.linalg.norm((back - pts).reshape(-1, 2), axis=1)
+            ok = (status.ravel() == 1) & (status_back.ravel() == 1) & (fb < FB_MAX_PX)
+            p0, p1 = pts[ok].reshape(-1, 2), nxt[ok].reshape(-1, 2)
+            if len(p0) >= cfg.min_tracked_points:
+                mx, my = cfg.border_fraction * w, cfg.border_fraction * h
+                band = (p0[:, 0] < mx) | (p0[:, 0] > w - 1 - mx) | (p0[:, 1] < my) | (p0[:, 1] > h - 1 - my)
+                for fit in ((band, np.ones(len(p0), bool)) if band.sum() >= cfg.min_border_points
+                            else (np.ones(len(p0), bool),)):
+                    m, inliers = cv2.estimateAffinePartial2D(p0[fit], p1[fit], method=cv2.RANSAC,
+                                                             ransacReprojThreshold=cfg.ransac_reproj_px)
+                    # a fit the band's points do not agree on (few inliers) is no measurement of the camera
+                    if m is not None and inliers.sum() >= max(cfg.min_border_points // 2, 4) \
+                            and inliers.mean() >= cfg.min_inlier_ratio:
+                        moved = corners @ m[:, :2].T + m[:, 2]
+                        drift = float(np.linalg.norm(moved - corners, axis=1).mean())
+                        break
+        if drift is None:
+            fallback = _fallback_metrics(a, b, cfg)
+            drift = None if fallback is None else fallback.corner_px
+        out.append(drift)
+    return out
 
 
 def check_fixed_camera(frames: np.ndarray, fps: float, cfg: CameraFilterConfig) -> CameraDecision:
