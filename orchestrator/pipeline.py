@@ -15,9 +15,11 @@ leaves nothing in the layout (a rejected one leaves its report).
                    refused (unless forced); the instruction is written from the catalogue if none was given
 2. frame-0 edit    image_edit.edit_background, gate: EditScore overall >= 8
 3. background      grounding round 1 on frame 0, image_edit.remove_foreground (gate: overall >= 8.5),
-                   i2v.animate the clean plate into the background video
+                   grounding.caption (the new background alone, with its motion; the final video), i2v.animate
+                   the clean plate into the background video from the background caption
 4. BAIT            grounding round 2 at 2 FPS, tracking.bait: one pass per anchor, majority vote -> mask
-5. synthesis       decoupled Canny control video, control.synthesize, gate: mean O_score >= 8 on
+5. synthesis       decoupled Canny control video, control.synthesize from the video caption, gate: mean
+                   O_score >= 8 on
                    frames [1, 26, 51, 76] (spread the same way over shorter clips)
 """
 
@@ -70,6 +72,7 @@ class SampleTask(BaseModel):
     prompt: str
     chosen_keyword: str | None = None
     original_scene: str = ""
+    captions: dict[str, str] = Field(default_factory=dict)  # the generators' prompts (sparkle.captions)
     source_key: str  # the raw input video, as uploaded
     background_key: str | None = None  # optional user background (image or video)
     force: bool = False  # keep a clip the camera filter refuses
@@ -144,7 +147,8 @@ def _gate(value: float, threshold: float, what: str) -> tuple[bool, str]:
 # --- stage 0: the source, conformed ---------------------------------------------------------------------
 
 def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
-    """Conform the uploaded source (<= 81 frames, 4k+1, sides multiples of 16) and store it with frame 0.
+    """Conform the uploaded source (16 fps by timestamp, <= 81 frames, 4k+1, sides multiples of 16) and store
+    it with frame 0.
 
     Raises InputError for an undecodable or too short video.
     """
@@ -154,7 +158,8 @@ def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
             raw = env.store.get_file(task.source_key, Path(tmp) / PurePosixPath(task.source_key).name)
         except KeyError as exc:
             raise ArtifactMissing(f"source video not found: {task.source_key}") from exc
-        video = conform(read_video(raw, max_frames=env.config.conform.max_frames), env.config.conform)
+        cfg = env.config.conform
+        video = conform(read_video(raw, max_frames=cfg.max_frames, fps=cfg.fps), cfg)
     task.fps, task.shape = video.fps, video.shape
     task.refs["source_video"] = env.io.put_video(task.staged(layout.source_video(task.edit_type, task.id)),
                                                  video.frames, video.fps)
@@ -224,9 +229,9 @@ def stage2_edit_frame0(task: SampleTask, env: StageEnv) -> SampleTask:
     answer = s.editscore.score_image(sample, frame0, edited, task.prompt, "edit_background")
     score = answer.score
     task.records["edited_frame0_score"] = {"id": task.id, "prompt": task.prompt,
-                                           "editscore": score.model_dump(), "scorer": answer.scorer}
+                                           "editscore": score.model_dump(exclude={"passes"}), "scorer": answer.scorer}
     ok, reason = _gate(score.overall, env.config.gates.frame0_edit_min_overall, "EditScore overall")
-    return _decide(task, 2, "frame0_edit", ok, reason, started, score.model_dump(), gate=True)
+    return _decide(task, 2, "frame0_edit", ok, reason, started, score.model_dump(exclude_none=True), gate=True)
 
 
 # --- stage 3: ground, erase, animate --------------------------------------------------------------------
@@ -250,15 +255,20 @@ def stage3_background_video(task: SampleTask, env: StageEnv) -> SampleTask:
     answer = s.editscore.score_image(sample, edited0, plate, removal, "remove_foreground")
     score = answer.score
     task.records["edited_frame0_foreground_removed_score"] = {
-        "id": task.id, "prompt": task.prompt, "editscore": score.model_dump(), "scorer": answer.scorer}
+        "id": task.id, "prompt": task.prompt, "editscore": score.model_dump(exclude={"passes"}),
+        "scorer": answer.scorer}
     ok, reason = _gate(score.overall, env.config.gates.fg_removal_min_overall, "EditScore overall")
     if not ok and task.enforce_gates:
-        return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(), gate=True)
-    background, shape = s.i2v.animate(sample, plate, task.prompt, task.shape[0], task.fps)
+        return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(exclude_none=True),
+                       gate=True)
+    # I2V animates the empty plate from a caption of the new background (an instruction naming subjects would
+    # invite Wan to paint them back in); Fun-Control gets the final video's caption in stage 5.
+    task.captions = s.grounding.caption(sample, task.prompt, [o.label for o in objects]).model_dump()
+    background, shape = s.i2v.animate(sample, plate, task.captions["background"], task.shape[0], task.fps)
     if shape != tuple(task.shape):
         raise ValueError(f"the i2v service returned a {shape} video, expected {tuple(task.shape)} (T, H, W)")
     env.stage(task, "background_video", layout.background_video(task.edit_type, task.id), background)
-    return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(), gate=True)
+    return _decide(task, 3, "background_video", ok, reason, started, score.model_dump(exclude_none=True), gate=True)
 
 
 # --- stage 4: BAIT ---------------------------------------------------------------------------------------
@@ -302,7 +312,8 @@ def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
     task.refs["canny_video"] = env.io.put_video(task.staged(layout.canny_video(task.edit_type, task.id)), control,
                                                 task.fps)
     control = env.video(task, "canny_video")
-    edited, shape = s.control.synthesize(sample, control, background, env.image(task, "edited_frame0"), task.prompt)
+    edited, shape = s.control.synthesize(sample, control, background, env.image(task, "edited_frame0"),
+                                         task.captions.get("video") or task.prompt)
     if shape != tuple(task.shape):
         raise ValueError(f"the control service returned a {shape} video, expected {tuple(task.shape)} (T, H, W)")
     edited = env.stage(task, "edited_video", layout.edited_video(task.edit_type, task.id), edited)
@@ -310,11 +321,14 @@ def stage5_synthesis(task: SampleTask, env: StageEnv) -> SampleTask:
     answer = s.editscore.score_frames(sample, edited, indices, task.prompt)  # judges the published file
     scores = answer.scores
     task.records["edited_video_score"] = {"id": task.id, "prompt": task.prompt, "frame_indices": indices,
-                                          "editscore": [s.model_dump() for s in scores], "scorer": answer.scorer}
+                                          "editscore": [s.model_dump(exclude={"passes"}) for s in scores],
+                                          "scorer": answer.scorer}
     mean_o = float(np.mean([s.O_score for s in scores]))
     ok, reason = _gate(mean_o, cfg.gates.video_min_mean_o_score, "mean O_score")
-    return _decide(task, 5, "synthesis", ok, reason, started,
-                   {"mean_O_score": round(mean_o, 3), "O_scores": [s.O_score for s in scores]}, gate=True)
+    metrics = {"mean_O_score": round(mean_o, 3), "O_scores": [s.O_score for s in scores]}
+    if any(s.passes for s in scores):
+        metrics["passes"] = [s.passes for s in scores]  # per frame, each pass's SC / PQ / O
+    return _decide(task, 5, "synthesis", ok, reason, started, metrics, gate=True)
 
 
 STAGES: dict[str, Callable[[SampleTask, StageEnv], SampleTask]] = {
@@ -413,6 +427,7 @@ def summary(task: SampleTask) -> dict:
     return {"id": task.id, "edit_type": task.edit_type, "status": task.status, "reason": task.reason,
             "failed_stage": task.failed_stage,
             "prompt": task.prompt, "chosen_keyword": task.chosen_keyword, "original_scene": task.original_scene,
+            "captions": task.captions,
             "shape": list(task.shape) if task.shape else None, "fps": task.fps, "backends": task.backends,
             "stages": [d.model_dump() for d in task.decisions], "records": task.records,
             "artifacts": {} if task.status != "accepted" else dict(task.refs), "timings": timings}

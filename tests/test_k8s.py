@@ -320,10 +320,10 @@ def test_the_plan_sizes_replicas_on_gpu_seconds_plus_each_calls_overhead():
     assert i2v["replica_s_per_accepted"] == pytest.approx(60 + 12) and i2v["gpus_rounded"] == 22
     assert 19 / i2v["gpus"] == pytest.approx(0.877, abs=0.002)
     assert measured["services"]["control"]["overhead_s_per_call"] == OVERHEAD_S["control"][0]  # the default
-    # control holds its replica for 1 call a sample; grounding for 4 (write_instruction skipped: prompts given)
+    # control holds its replica for 1 call a sample; grounding for 5 (write_instruction skipped: prompts given)
     grounding = measured["services"]["grounding"]
     assert grounding["replica_s_per_accepted"] - grounding["gpu_s_per_accepted"] == pytest.approx(
-        4 * OVERHEAD_S["grounding"][0])
+        5 * OVERHEAD_S["grounding"][0])
     assert "unknown" in _run_capacity_error("--overhead", "gpu=3")
     assert "NAME=NUMBER" in _run_capacity_error("--overhead", "i2v")
     with pytest.raises(ValueError, match=">= 0"):

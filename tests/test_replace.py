@@ -174,7 +174,7 @@ def test_json_summary_is_strict_json_even_with_unmeasured_metrics(tmp_path):
     assert proc.returncode == 3
     summary = json.loads(proc.stdout, parse_constant=_strict)
     camera = summary["stages"][1]
-    assert camera["name"] == "camera_filter" and None in camera["metrics"].values()
+    assert camera["name"] == "camera_filter" and None in camera["scores"].values()
 
 
 def test_force_keeps_a_handheld_clip(tmp_path):
@@ -297,7 +297,8 @@ def test_funnel_counts_every_stage_and_rejected_samples_keep_their_records(tmp_p
     assert "stage 5 (synthesis)" in s["reason"]
     assert set(s["records"]) == set(layout.RECORD_NAMES)  # every record survives the rejection...
     report = json.loads((tmp_path / layout.report("location", s["id"])).read_text())
-    assert report["records"]["edited_video_score"]["frame_indices"] == [1, 18, 35, 52]  # 57 frames, spread
+    # the 6 s 10 fps clip is 81 frames at 16 fps: Sparkle's own indices
+    assert report["records"]["edited_video_score"]["frame_indices"] == [1, 26, 51, 76]
     assert dataset_files(tmp_path) == []  # ...in the report, not in the dataset
     funnel = json.loads(sparkle("funnel", tmp_path, "--json", check=True).stdout)
     assert (funnel["samples"], funnel["accepted"], funnel["rejected"]) == (2, 0, 2)
@@ -344,3 +345,47 @@ def test_catalogue_command_is_balanced_and_deterministic():
     subthemes = [c["chosen_keyword"].split(": ")[0] for c in first["choices"]]
     assert sorted(subthemes) == sorted(["spring", "summer", "autumn", "winter"] * 2)
     assert sparkle("catalogue", "--theme", "weather").returncode == 1
+
+
+class RecordingPrompts:
+    """TEST DOUBLE wrapper: records the ``prompt`` a backend is called with, then calls the real cpu backend."""
+
+    def __init__(self, inner, method: str):
+        self.inner, self.method, self.prompts = inner, method, []
+        self.name = inner.name
+
+    def setup(self):
+        self.inner.setup()
+
+    def __getattr__(self, name):
+        if name != self.method:
+            return getattr(self.inner, name)
+
+        def call(*args):
+            self.prompts.append(args[-1] if self.method == "synthesize" else args[2])
+            return getattr(self.inner, name)(*args)
+        return call
+
+
+def test_i2v_gets_the_background_caption_and_control_the_video_caption(tmp_path):
+    """Sparkle animates the clean plate from a caption of the new background, not from the editing instruction
+    (which names subjects and invites Wan to paint them back); Fun-Control gets the final video's caption. Both
+    come from the grounding service and are kept in the report."""
+    prompt = "Replace the background with a snowy mountain village at dusk, with softly falling snow; keep every " \
+             "foreground subject unchanged"
+    backends = load_backends("cpu")
+    backends.i2v = RecordingPrompts(backends.i2v, "animate")
+    backends.control = RecordingPrompts(backends.control, "synthesize")
+    config = PipelineConfig(conform={"max_long_side": 320, "max_short_side": 192, "max_frames": 17})
+    task, _ = replace_one(PEDESTRIANS, prompt, tmp_path, enforce_gates=False, config=config, backends=backends)
+    assert task.status == "accepted", task.reason
+    labels = task.records["foreground_grounding_r1"]["round1_labels"]
+    assert labels and task.captions["source"] == "rules"
+    background, video = task.captions["background"], task.captions["video"]
+    assert backends.i2v.prompts == [background] and backends.control.prompts == [video]
+    assert background == "A snowy mountain village at dusk, with softly falling snow, seen from a fixed camera."
+    assert "Replace" not in background and "keep" not in background and "foreground" not in video
+    assert video.endswith("in front of a snowy mountain village at dusk, with softly falling snow, seen from a "
+                          "fixed camera.")
+    report = json.loads((tmp_path / layout.report("location", task.id)).read_text())
+    assert report["captions"] == task.captions

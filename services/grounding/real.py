@@ -38,7 +38,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from sparkle.backends import GroundedObject, SampleContext
+from sparkle.backends import GROUNDING_MAX_IMAGE_PIXELS, GROUNDING_MAX_IMAGES, GroundedObject, SampleContext
+from sparkle.captions import Captions, captions_from_instruction
 from sparkle.errors import ConfigError
 
 MODEL_ID = "Qwen/Qwen3-VL-32B-Instruct"
@@ -104,10 +105,24 @@ INSTRUCTION_PROMPT = (
 )
 """Instruction writing for a theme (``edit_type``) and ``chosen_keyword`` "subtheme: scene". One image."""
 
+CAPTION_PROMPT = (
+    "A video editing model will replace the background of a video as this instruction says:\n"
+    "{instruction}\n"
+    "The foreground subjects that stay are: {labels}.\n"
+    "Write two captions for video generation models, as JSON only: "
+    '{{"background": "...", "video": "..."}}.\n'
+    '"background": the new background alone, without the foreground subjects, with the natural motion the '
+    "instruction implies (for example drifting snow, swaying trees, flowing water, moving clouds), seen from a "
+    "fixed camera. One or two sentences describing the scene, not an instruction.\n"
+    '"video": the final video: the foreground subjects in front of that background, with the same motion, seen '
+    "from a fixed camera. One or two sentences."
+)
+"""Captions for I2V (the empty plate) and Fun-Control (the final video) from the instruction; text only."""
+
 INSTRUCTION_TARGET = "Subtheme: {subtheme}. Scene: {scene}."
 INSTRUCTION_FREE_TARGET = "Choose a new background that suits the subjects."
 
-MAX_TOKENS = {"describe": 128, "round1": 1024, "round2": 512, "camera": 256, "instruction": 256}
+MAX_TOKENS = {"describe": 128, "round1": 1024, "round2": 512, "camera": 256, "instruction": 256, "caption": 256}
 """Answer length caps (tokens): a round-1 list of up to 32 objects is about 25 tokens each."""
 
 
@@ -315,6 +330,20 @@ def parse_camera_motion(text: str) -> tuple[bool, str]:
     return True, f"unreadable answer, counted as camera motion: {(text or '').strip()[:200]!r}"
 
 
+def parse_captions(text: str, instruction: str, labels: Sequence[str]) -> Captions:
+    """:class:`~sparkle.captions.Captions` from a ``{"background", "video"}`` answer (fenced or not), each
+    cleaned to one line; an answer without both as non-empty strings gives the rule-based captions
+    (``source="rules"``), since the generators need a prompt either way."""
+    value = extract_json(text)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        background, video = (clean_text(str(value.get(k) or "")) for k in ("background", "video"))
+        if background and video:
+            return Captions(background=background, video=video, source="vlm")
+    return captions_from_instruction(instruction, list(labels))
+
+
 def clean_text(text: str) -> str:
     """A free-text answer on one line: fences, surrounding quotes and a leading ``Instruction:`` removed."""
     text = re.sub(r"```[a-zA-Z]*", "", text or "")
@@ -342,6 +371,33 @@ def png_data_url(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def check_image_count(parts: Sequence[Part]) -> None:
+    """ValueError when ``parts`` hold more than :data:`~sparkle.backends.GROUNDING_MAX_IMAGES` images (vLLM
+    refuses such a request; the backend subsamples or splits before asking)."""
+    n = sum(isinstance(p, np.ndarray) for p in parts)
+    if n > GROUNDING_MAX_IMAGES:
+        raise ValueError(f"{n} images in one grounding request; at most {GROUNDING_MAX_IMAGES}")
+
+
+def bound_image_tokens(processor, max_pixels: int = GROUNDING_MAX_IMAGE_PIXELS) -> None:
+    """Cap the image processor's pixels per image at ``max_pixels`` (in-process, as vLLM's
+    ``--mm-processor-kwargs '{"max_pixels": ...}'`` does on the server): ``size["longest_edge"]``, the
+    transformers 5 name of Qwen-VL's ``max_pixels``. A checkpoint whose own cap is lower keeps it."""
+    ip = processor.image_processor
+    size = dict(ip.size or {})
+    size["longest_edge"] = min(int(size.get("longest_edge") or max_pixels), max_pixels)
+    ip.size = size
+    if hasattr(ip, "max_pixels"):
+        ip.max_pixels = size["longest_edge"]
+
+
+def evenly(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``0..n-1``, first and last included (all of them when ``n <= k``)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 class OpenAIChat:
@@ -386,6 +442,7 @@ class OpenAIChat:
         """The answer text to one user message made of ``parts``."""
         if self.client is None:
             raise RuntimeError("OpenAIChat.setup() was not called")
+        check_image_count(parts)
         content = [{"type": "image_url", "image_url": {"url": png_data_url(p)}} if isinstance(p, np.ndarray)
                    else {"type": "text", "text": p} for p in parts]
         response = self.client.chat.completions.create(
@@ -428,6 +485,7 @@ class TransformersChat:
             model = model.to(device=self.device, dtype=dtype)
         else:
             self.processor = AutoProcessor.from_pretrained(self.model_dir, local_files_only=True)
+            bound_image_tokens(self.processor)
             model = Qwen3VLForConditionalGeneration.from_pretrained(
                 self.model_dir, local_files_only=True, dtype=dtype, device_map=self.device)
         self.model = model.eval()
@@ -438,6 +496,7 @@ class TransformersChat:
 
         if self.model is None:
             raise RuntimeError("TransformersChat.setup() was not called")
+        check_image_count(parts)
         content = [{"type": "image", "image": Image.fromarray(np.ascontiguousarray(p, dtype=np.uint8))}
                    if isinstance(p, np.ndarray) else {"type": "text", "text": p} for p in parts]
         inputs = self.processor.apply_chat_template(
@@ -515,10 +574,14 @@ class QwenGrounder:
                             sample_fps: float = CAMERA_SAMPLE_FPS) -> tuple[bool, str]:
         """Fine camera-motion check on ``frames`` ``(N, H, W, 3) uint8`` sampled at ``sample_fps``.
 
-        Returns ``(True, reason)`` when the model sees residual camera motion (or gives no readable answer).
+        Returns ``(True, reason)`` when the model sees residual camera motion (or gives no readable answer). More
+        than :data:`~sparkle.backends.GROUNDING_MAX_IMAGES` frames (a clip over 7.5 s at 2 FPS) are subsampled
+        evenly, first and last kept, and the prompt states their actual rate.
         """
-        prompt = CAMERA_MOTION_PROMPT.format(n=len(frames), fps=sample_fps)
-        return parse_camera_motion(self._ask([*frames, prompt], "camera"))
+        keep = evenly(len(frames), GROUNDING_MAX_IMAGES)  # at most 16 images a request: spread over the clip
+        fps = sample_fps * (len(keep) - 1) / (len(frames) - 1) if len(frames) > 1 else sample_fps
+        prompt = CAMERA_MOTION_PROMPT.format(n=len(keep), fps=fps)
+        return parse_camera_motion(self._ask([*frames[keep], prompt], "camera"))
 
     def write_instruction(self, ctx: SampleContext, frame0: np.ndarray, edit_type: str,
                           chosen_keyword: str | None) -> str:
@@ -532,6 +595,12 @@ class QwenGrounder:
             else INSTRUCTION_FREE_TARGET
         return clean_text(self._ask([frame0, INSTRUCTION_PROMPT.format(edit_type=edit_type, target=target)],
                                     "instruction"))
+
+    def caption(self, ctx: SampleContext, instruction: str, labels: list[str]) -> Captions:
+        """The I2V and Fun-Control prompts for ``instruction`` and the round-1 ``labels`` (text only; see
+        :mod:`sparkle.captions`); an unreadable answer falls back to the rule-based captions."""
+        prompt = CAPTION_PROMPT.format(instruction=instruction, labels=", ".join(labels) or "none")
+        return parse_captions(self._ask([prompt], "caption"), instruction, labels)
 
 
 # --- construction -----------------------------------------------------------------------------------------

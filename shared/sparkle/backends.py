@@ -20,6 +20,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, Field
 
+from .captions import Captions
 from .errors import ConfigError
 from .media import Video
 
@@ -40,6 +41,9 @@ class ImageScore(BaseModel):
     overall: float
     SC_reasoning: str
     PQ_reasoning: str
+    passes: list[dict] | None = None
+    """Each pass's four scores when the scorer self-ensembles (EditScore ``num_pass``); not part of the
+    released record (``edited_frame0_score.jsonl`` keeps the averages), kept in the sample's report."""
 
 
 class FrameScore(BaseModel):
@@ -52,6 +56,9 @@ class FrameScore(BaseModel):
     PQ_score_reasoning: str
     SC_raw_output: str
     PQ_raw_output: str
+    passes: list[dict] | None = None
+    """Each pass's ``SC_score``, ``PQ_score``, ``O_score`` when the scorer self-ensembles; not part of the
+    released record, kept in the sample's report."""
 
 
 @dataclass
@@ -87,6 +94,18 @@ class Backend(Protocol):
         """Load weights / build state once per process."""
 
 
+GROUNDING_MAX_IMAGES = 16
+"""Images in one grounding request at most: vLLM's ``--limit-mm-per-prompt '{"image": 16}'`` (larger frame sets
+are subsampled or split by the backend)."""
+
+GROUNDING_MAX_IMAGE_PIXELS = 1280 * 720
+"""Pixels of one image the grounding model sees at most (Qwen3-VL's image processor ``max_pixels``; vLLM's
+``--mm-processor-kwargs '{"max_pixels": 921600}'``): Sparkle's frame size, 900 visual tokens of 32x32 px
+(patch 16, merge 2). 16 images are then at most 14 400 tokens, inside ``--max-model-len 16384`` with the
+question, so the 32B model's memory is known before the first request instead of Qwen3-VL's default of up to
+16 384 tokens per image."""
+
+
 class Grounder(Backend, Protocol):
     """Grounding service (Qwen3-VL served by vLLM)."""
 
@@ -107,6 +126,11 @@ class Grounder(Backend, Protocol):
     def write_instruction(self, ctx: SampleContext, frame0: np.ndarray, edit_type: str,
                           chosen_keyword: str | None) -> str:
         """A background-replacement instruction for theme ``edit_type`` and ``"subtheme: scene"`` keyword."""
+
+    def caption(self, ctx: SampleContext, instruction: str, labels: list[str]) -> Captions:
+        """The generators' prompts from the editing ``instruction`` and the round-1 ``labels``: the new
+        background alone with its motion (I2V), the subjects in front of it (Fun-Control); see
+        :mod:`sparkle.captions`."""
 
 
 class ImageEditor(Backend, Protocol):

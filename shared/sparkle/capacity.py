@@ -58,12 +58,13 @@ CALLS: list[Call] = [
     Call("grounding.write_instruction", 1.0, "fine", "1 image, ~60 answer tokens (only without a prompt): assumed"),
     Call("image_edit.edit_background", 3.0, "fine",
          "FLUX.2-klein-9B, 4 steps, no CFG, 832x480 + Qwen3-8B encoder: assumed 3 s on an L40S/H100"),
-    Call("editscore.score_image", 8.0, "fine",
-         "EditScore-7B (Qwen2.5-VL-7B, transformers generate), SC+PQ in one batch, ~250 of 512 sampled tokens: "
-         "assumed"),
+    Call("editscore.score_image", 16.0, "fine",
+         "EditScore-7B (Qwen2.5-VL-7B, transformers generate), 4 passes (Sparkle's records are 4-pass averages) "
+         "of SC+PQ, ~250 of 512 sampled tokens, batched across requests: assumed"),
     Call("grounding.ground_round1", 1.5, "frame0", "2 images, JSON boxes: assumed"),
     Call("image_edit.remove_foreground", 3.0, "round1", "as edit_background: assumed"),
-    Call("editscore.score_image(removal)", 8.0, "round1", "as score_image: assumed"),
+    Call("editscore.score_image(removal)", 16.0, "round1", "as score_image: assumed"),
+    Call("grounding.caption", 0.5, "removal", "text only, ~100 answer tokens (two captions): assumed"),
     Call("i2v.animate", 60.0, "removal",
          "Wan2.2-I2V-A14B + LightX2V, 4 steps, no CFG, 81x480x832: ~2e15 FLOP per DiT step (32.8k tokens) = "
          "~5 s per step on an H100, + VAE decode ~20 s + CPU-offload transfers on 80 GB: assumed 60 s"),
@@ -73,7 +74,8 @@ CALLS: list[Call] = [
     Call("control.synthesize", 600.0, "bait",
          "Wan2.2-Fun-A14B-Control, 50 steps x CFG 6 = 100 DiT passes of ~5 s (as i2v) + VAE + diffsynth CPU "
          "offload on 80 GB: assumed 600 s on an H100 (about 480 s resident on an H200)"),
-    Call("editscore.score_frames", 12.0, "bait", "EditScore-7B, 4 SC + 4 PQ prompts in one batch: assumed"),
+    Call("editscore.score_frames", 30.0, "bait", "EditScore-7B, 4 passes of 4 SC + 4 PQ prompts in one batch: "
+         "assumed"),
 ]
 """Model calls in journey order."""
 

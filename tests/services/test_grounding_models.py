@@ -34,6 +34,7 @@ from sparkle.serving import ServeSettings, build_app  # noqa: E402
 from sparkle.services.grounding import real, tiny  # noqa: E402
 from sparkle.services.grounding.app import API  # noqa: E402
 from sparkle.store import LocalStore  # noqa: E402
+from ..conftest import REPO
 from ..loopback import LoopbackServer
 
 VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
@@ -190,6 +191,21 @@ def test_parse_camera_motion_unreadable_counts_as_motion():
     assert moving is True and "unreadable" in reason
 
 
+def test_parse_captions_reads_the_vlms_two_captions_or_falls_back_to_the_rules():
+    from sparkle.captions import captions_from_instruction
+
+    instruction = "Replace the background with a windy beach at dusk; keep the man unchanged"
+    answer = ('Here you go:\n```json\n{"background": "A windy beach at dusk, waves rolling in.",\n'
+              '"video": "A man stands on a windy beach at dusk as waves roll in."}\n```')
+    c = real.parse_captions(answer, instruction, ["man"])
+    assert (c.background, c.video, c.source) == ("A windy beach at dusk, waves rolling in.",
+                                                 "A man stands on a windy beach at dusk as waves roll in.", "vlm")
+    for bad in ("Z2ar\x01@", '{"background": "only one"}', '{"background": "", "video": "x"}'):
+        assert real.parse_captions(bad, instruction, ["man"]) == captions_from_instruction(instruction, ["man"])
+    prompt = real.CAPTION_PROMPT.format(instruction=instruction, labels="man")
+    assert instruction in prompt and '{"background": "...", "video": "..."}' in prompt
+
+
 def test_text_helpers():
     assert real.clean_text('Instruction: "Replace the background with a beach.\n"') == \
         "Replace the background with a beach."
@@ -240,6 +256,8 @@ def test_tiny_answers_are_deterministic_garbage_parsed_safely(tiny_backend, samp
     instruction = tiny_backend.write_instruction(ctx_of(video), video.frames[0], "location",
                                                  "urban: rooftop overlooking skyline")
     assert isinstance(instruction, str) and "\n" not in instruction
+    captions = tiny_backend.caption(ctx_of(video), "Replace the background with a beach", ["person"])
+    assert captions.source == "rules" and captions.background.startswith("A beach")  # garbage: the rules
 
 
 def test_tiny_service_answers_every_operation(tiny_backend, sample):
@@ -492,6 +510,41 @@ def test_real_http_camera_check_and_instruction(fake_vllm, sample):
     assert len(images_of(body)) == 1 and body["temperature"] == 0
     assert backend.ground_round2(ctx_of(video), frames, [0, 8, 16], []) == [[], [], []]
     assert len(fake_vllm.requests) == 2  # no labels: no question asked
+
+
+def test_image_tokens_and_images_per_request_are_bounded(fake_vllm, sample):
+    """At most 16 images a request (a 15 s clip's 31 frames at 2 FPS are subsampled evenly, first and last kept,
+    and the prompt gives their real rate), and at most 1280x720 pixels an image: the in-process processor's cap,
+    and the vLLM command lines (compose, k8s) carry the same two numbers."""
+    import yaml
+
+    from sparkle.backends import GROUNDING_MAX_IMAGE_PIXELS, GROUNDING_MAX_IMAGES
+    from sparkle.k8s_render import vllm_args
+
+    _, _, video, _ = sample
+    backend = real.make_backend(url=fake_vllm.url, startup_timeout_s=5)
+    backend.setup()
+    fake_vllm.requests.clear()
+    frames = np.stack([video.frames[i % len(video.frames)] for i in range(31)])
+    backend.check_camera_motion(ctx_of(video), frames, 2.0)
+    body = fake_vllm.requests[-1]
+    assert len(images_of(body)) == GROUNDING_MAX_IMAGES == 16
+    assert "16 frames" in text_of(body) and "at 1 frames per second" in text_of(body)  # 30 s / 15 gaps
+    assert real.evenly(31, 16)[0] == 0 and real.evenly(31, 16)[-1] == 30 and real.evenly(5, 16) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="at most 16"):
+        backend.engine.complete([*frames[:17], "too many"], 8)
+
+    from transformers import Qwen2VLImageProcessor
+
+    processor = type("P", (), {"image_processor": Qwen2VLImageProcessor()})()
+    assert processor.image_processor.size["longest_edge"] == 28 * 28 * 1280  # transformers' default: 1.0 MP
+    real.bound_image_tokens(processor)
+    assert processor.image_processor.size["longest_edge"] == GROUNDING_MAX_IMAGE_PIXELS == 921_600
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["vllm"]["command"]
+    for args in (compose, vllm_args()):
+        assert json.loads(args[args.index("--mm-processor-kwargs") + 1]) == {"max_pixels": GROUNDING_MAX_IMAGE_PIXELS}
+        assert json.loads(args[args.index("--limit-mm-per-prompt") + 1])["image"] == GROUNDING_MAX_IMAGES
 
 
 def test_real_http_settings_from_env(fake_vllm, monkeypatch):
