@@ -328,7 +328,8 @@ def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None 
     """One step of a bulk run: collect finished samples, then submit entries until ``window`` are in flight.
 
     Idempotent and safe to run from several processes (the dataset's lock): a submission interrupted by a
-    crash is found by its job document next time and never submitted twice. ``resume``: first re-send the
+    crash is found by its job document next time, never submitted twice, and its journey resumed (its first
+    stage message may not have been sent). ``resume``: first re-send the
     next-stage message of every sample in flight (after a crash of workers or of the broker; duplicates are
     harmless). Returns ``state.json``: ``cursor``, ``in_flight``, ``counts`` by state, ``funnel`` (a
     :func:`~sparkle.funnel.funnel_add` tally), ``done``.
@@ -362,6 +363,10 @@ def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None 
             row = _entry(store, did, state["cursor"], cache)
             if not store.exists(jobs.job_key(row["id"])):  # not submitted before a crash
                 _submit_entry(celery_app, store, ds, row)
+            else:
+                # Submitted by a tick that crashed before recording it: its first message may never have been
+                # sent (the checkpoint says so), and no later tick resumes it. A duplicate is harmless.
+                journey.resume_journey(celery_app, store, row["id"])
             state["in_flight"].append(row["id"])
             state["cursor"] += 1
             store.put_json(prefix + "state.json", {**state, "updated_at": time.time()})

@@ -134,3 +134,36 @@ def test_collecting_a_finished_sample_removes_the_staging_area_its_killed_worker
     state = datasets.dataset_tick(None, store, ds["id"])
     assert state["in_flight"] == [running] and state["counts"] == {"accepted": 1}
     assert store.list_keys("staging/") == [f"staging/{running}/ops/control.synthesize.0.mp4"]
+
+
+class RecordingApp:
+    """TEST DOUBLE of the Celery app: records the messages sent (``send_task``)."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, list]] = []
+
+    def send_task(self, name, args=None, **_):
+        self.sent.append((name, list(args or [])))
+
+
+def test_a_submission_cut_short_before_the_tick_recorded_it_is_resumed_not_lost(tmp_path):
+    """The enqueue process was killed inside a tick after a sample's checkpoint and ``queued`` job were written
+    but before its first message went out and before ``state.json`` moved the cursor past it. The next tick
+    finds the job (so it does not submit the sample twice) and must send its next stage, or the sample waits
+    forever (the bulk kill test hung on this once in CI and once here)."""
+    from sparkle.orchestrator import jobs
+    from sparkle.orchestrator.pipeline import SampleTask
+
+    write_manifest(tmp_path / "m.jsonl", 2)
+    store = LocalStore(tmp_path / "s")
+    ds = datasets.create_dataset(store, datasets.ManifestFile(tmp_path / "m.jsonl"), tmp_path)
+    first, _ = datasets.dataset_samples(store, ds["id"])
+    task = SampleTask(id=first, edit_type=layout.parse_sample_id(first)[0], prompt="p", source_key="k")
+    cp = jobs.Checkpoint(task=task, config=PipelineConfig().model_dump(mode="json"), next="ingest", submitted_at=0.0,
+                         dataset=ds["id"])
+    jobs.save_checkpoint(store, cp)  # sent=False: the message never left
+    jobs.write_job(store, cp, "queued", None)
+    app = RecordingApp()
+    state = datasets.dataset_tick(app, store, ds["id"], window=1)
+    assert state["in_flight"] == [first]
+    assert app.sent == [("sparkle.stage", [first, "ingest"])]

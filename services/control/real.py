@@ -6,7 +6,8 @@ for low noise, switched at ``switch_DiT_boundary`` (timestep 900 of 1000), a ``W
 ``WanVideoVAE`` (Wan2.1 VAE: 4x temporal, 8x spatial, 16 latent channels) and no CLIP image encoder
 (``require_clip_embedding=False``). The DiT takes 52 input channels: 16 noisy latents + 16 control-video
 latents + 4 first-frame mask channels + 16 first-frame latents; it also has the reference conv
-(``has_ref_conv=True``), which this backend does not use (no ``reference_image``).
+(``has_ref_conv=True``): with no reference image this backend feeds it zero latents, as VideoX-Fun does
+(:class:`FunControlUnit`), so the DiT sees the sequence it was trained on.
 
 One call: the decoupled Canny video (``control``) is ``control_video``, the edited frame 0 is ``input_image``
 (frame 0 known, the rest generated), ``prompt`` the text. The background video and the BAIT mask reach the
@@ -130,14 +131,25 @@ def wan_video_vae(z_dim: int = 16, dim: int = 96) -> WanVideoVAE:
 
 
 class FunControlUnit(WanVideoUnit_FunControl):
-    """diffsynth's Fun-Control unit without the bug that drops ``input_image`` (see the module docstring).
+    """diffsynth's Fun-Control unit without the bug that drops ``input_image`` (see the module docstring), and
+    with the reference tokens VideoX-Fun always gives the DiT.
 
     Output ``y``: ``(1, in_dim - 16, T', H/8, W/8)`` = control latents (16) then the first-frame mask (4)
     and latents (16) of ``WanVideoUnit_ImageEmbedderVAE`` (zeros when there is no ``input_image``).
+    Output ``reference_latents`` (a DiT with ``has_ref_conv`` and no reference image): zeros ``(1, 16, 1, H/8,
+    W/8)``. VideoX-Fun's Wan2.2-Fun pipelines feed zero reference latents when no reference image is given,
+    so ``ref_conv``'s tokens (its bias, over ``H/16 x W/16`` positions) are always prepended to the sequence and
+    the rotary frame index of every video token is shifted by one; diffsynth leaves them out, and the DiT then
+    sees a sequence it was not trained on.
     """
 
+    def __init__(self):
+        super().__init__()
+        self.input_params = (*self.input_params, "reference_latents")
+        self.output_params = (*self.output_params, "reference_latents")
+
     def process(self, pipe, control_video, num_frames, height, width, tiled, tile_size, tile_stride,
-                clip_feature, y, latents):
+                clip_feature, y, latents, reference_latents=None):
         if control_video is None:
             return {}
         pipe.load_models_to_device(self.onload_model_names)
@@ -152,6 +164,8 @@ class FunControlUnit(WanVideoUnit_FunControl):
         out = {"y": torch.concat([control_latents, y], dim=1)}
         if clip_feature is None and pipe.dit.require_clip_embedding:
             out["clip_feature"] = torch.zeros((1, 257, 1280), dtype=pipe.torch_dtype, device=pipe.device)
+        if reference_latents is None and getattr(pipe.dit, "has_ref_conv", False):
+            out["reference_latents"] = torch.zeros_like(latents[:, :, :1])
         return out
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -199,8 +200,84 @@ def find_loras(lora_dir: Path) -> tuple[Path, Path]:
     return found[0], found[1]
 
 
+# --- LightX2V's full-tensor deltas -------------------------------------------------------------------------
+
+DIFF_TARGETS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"blocks\.(\d+)\.self_attn\.norm_q\.diff"), r"blocks.\1.attn1.norm_q.weight"),
+    (re.compile(r"blocks\.(\d+)\.self_attn\.norm_k\.diff"), r"blocks.\1.attn1.norm_k.weight"),
+    (re.compile(r"blocks\.(\d+)\.cross_attn\.norm_q\.diff"), r"blocks.\1.attn2.norm_q.weight"),
+    (re.compile(r"blocks\.(\d+)\.cross_attn\.norm_k\.diff"), r"blocks.\1.attn2.norm_k.weight"),
+    (re.compile(r"blocks\.(\d+)\.norm3\.diff"), r"blocks.\1.norm2.weight"),
+    (re.compile(r"blocks\.(\d+)\.norm3\.diff_b"), r"blocks.\1.norm2.bias"),
+    (re.compile(r"blocks\.(\d+)\.modulation\.diff"), r"blocks.\1.scale_shift_table"),
+    (re.compile(r"head\.modulation\.diff"), "scale_shift_table"),
+    (re.compile(r"blocks\.(\d+)\.self_attn\.([qkv])\.diff"), r"blocks.\1.attn1.to_\2.weight"),
+    (re.compile(r"blocks\.(\d+)\.self_attn\.o\.diff"), r"blocks.\1.attn1.to_out.0.weight"),
+    (re.compile(r"blocks\.(\d+)\.cross_attn\.([qkv])\.diff"), r"blocks.\1.attn2.to_\2.weight"),
+    (re.compile(r"blocks\.(\d+)\.cross_attn\.o\.diff"), r"blocks.\1.attn2.to_out.0.weight"),
+    (re.compile(r"blocks\.(\d+)\.ffn\.0\.diff"), r"blocks.\1.ffn.net.0.proj.weight"),
+    (re.compile(r"blocks\.(\d+)\.ffn\.2\.diff"), r"blocks.\1.ffn.net.2.weight"),
+]
+"""Wan-format ``.diff`` / ``.diff_b`` keys (full-tensor deltas, ``diffusion_model.`` prefix removed) that
+diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` drops (norm deltas: removed with a DEBUG log;
+modulation and linear-weight ``.diff``: left over, INFO "not handled yet") and LightX2V's loader adds to the
+weights, with the ``WanTransformer3DModel`` parameter each one adds to (Wan's ``norm3`` is diffusers'
+``norm2``, ``modulation`` its ``scale_shift_table``)."""
+
+
+def lora_diffs(lora_file: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The deltas of ``lora_file`` that diffusers would drop: ``({diffusers parameter: delta}, unmapped)``.
+
+    Reads the safetensors keys (and only the ``.diff``/``.diff_b`` tensors). An all-zero delta changes nothing
+    and is skipped (diffusers' reason for dropping norm deltas); ``unmapped`` names the non-zero ``.diff``
+    keys neither diffusers nor :data:`DIFF_TARGETS` handles. Linear ``.diff_b`` (LoRA biases) and
+    ``head.head.diff`` are diffusers' to convert and are left to it.
+    """
+    from safetensors import safe_open
+
+    deltas: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    with safe_open(str(lora_file), framework="pt") as f:
+        for key in f.keys():
+            name = key.removeprefix("diffusion_model.")
+            if not name.endswith((".diff", ".diff_b")) or "lora" in name or name.startswith("head.head"):
+                continue
+            target = next((rx.sub(to, name) for rx, to in DIFF_TARGETS if rx.fullmatch(name)), None)
+            if target is None and name.endswith(".diff_b") and "norm" not in name:
+                continue  # a linear layer's bias delta: diffusers loads it as lora_B.bias
+            tensor = f.get_tensor(key)
+            if not torch.count_nonzero(tensor):
+                continue
+            if target is None:
+                unmapped.append(key)
+            else:
+                deltas[target] = tensor
+    return deltas, unmapped
+
+
+def apply_lora_diffs(transformer, lora_file: Path) -> int:
+    """Add ``lora_file``'s full-tensor deltas that diffusers drops to ``transformer``'s weights (as LightX2V
+    merges them); returns how many. Raises ConfigError naming the keys that would be lost (non-zero deltas of
+    no known parameter) or whose shape does not match, before any weight changes."""
+    deltas, unmapped = lora_diffs(lora_file)
+    params = dict(transformer.named_parameters())
+    wrong = [f"{name} {tuple(d.shape)} vs {tuple(params[name].shape) if name in params else 'missing'}"
+             for name, d in deltas.items() if name not in params or params[name].shape != d.shape]
+    if unmapped or wrong:
+        raise ConfigError(f"LoRA {lora_file.name}: diffusers would drop non-zero deltas this loader cannot place "
+                          f"({', '.join(unmapped + wrong)}); use LightX2V's distilled experts instead")
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta.to(params[name].dtype, copy=False).to(params[name].device))
+    if deltas:
+        log.info("%s: added %d full-tensor deltas diffusers' LoRA loader drops", lora_file.name, len(deltas))
+    return len(deltas)
+
+
 def load_pipeline(model_dir: Path, loras: tuple[Path, Path] | None, dtype: torch.dtype) -> WanImageToVideoPipeline:
-    """``WanImageToVideoPipeline`` from the local ``model_dir`` (never downloads), LoRAs applied.
+    """``WanImageToVideoPipeline`` from the local ``model_dir`` (never downloads), LoRAs applied: first the
+    full-tensor deltas diffusers' converter drops (:func:`apply_lora_diffs`, ConfigError if one cannot be
+    placed), then the low-rank parts through ``load_lora_weights``.
 
     Transformers and text encoder in ``dtype``, the VAE in float32 (as in diffusers' Wan examples).
     """
@@ -209,6 +286,8 @@ def load_pipeline(model_dir: Path, loras: tuple[Path, Path] | None, dtype: torch
         scheduler=make_scheduler(), boundary_ratio=BOUNDARY_RATIO)
     if loras is not None:
         high, low = loras
+        apply_lora_diffs(pipe.transformer, high)  # what diffusers' converter would drop, checked first
+        apply_lora_diffs(pipe.transformer_2, low)
         pipe.load_lora_weights(str(high), adapter_name="lightx2v_high_noise", local_files_only=True)
         pipe.load_lora_weights(str(low), adapter_name="lightx2v_low_noise", load_into_transformer_2=True,
                                local_files_only=True)

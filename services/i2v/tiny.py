@@ -108,3 +108,40 @@ def save_tiny_loras(path: str | Path, rank: int = 2) -> Path:
             path, transformer_lora_layers=get_peft_model_state_dict(transformer),
             weight_name=f"wan2.2_i2v_A14b_{kind}_lora_rank{rank}_lightx2v_4step.safetensors")
     return path
+
+
+def save_tiny_lightx2v_lora(path: str | Path, kind: str = "high_noise", rank: int = 2,
+                            extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a tiny LoRA for :func:`make_transformer` in LightX2V's own (Wan) key format and return its file.
+
+    Keys as in ``lightx2v/Wan2.2-Distill-Loras``: ``diffusion_model.blocks.N.{self_attn,cross_attn}.{q,k,v,o}``
+    ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and ``.diff_b`` (bias deltas), plus the
+    full-tensor deltas diffusers' converter drops: ``blocks.N.norm3.diff`` / ``.diff_b`` (non-zero),
+    ``blocks.N.self_attn.norm_q.diff`` (all zero, as most of them are), ``blocks.N.modulation.diff`` and
+    ``head.modulation.diff``. ``extra``: more keys (without the ``diffusion_model.`` prefix). Seeded.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(SEED + 20)
+    dim = 2 * 12  # num_attention_heads x attention_head_dim of make_transformer()
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(2):
+        for attn in ("self_attn", "cross_attn"):
+            for o in "qkvo":
+                base = f"blocks.{i}.{attn}.{o}"
+                tensors[f"{base}.lora_down.weight"] = torch.randn(rank, dim, generator=g) * 0.1
+                tensors[f"{base}.lora_up.weight"] = torch.randn(dim, rank, generator=g) * 0.1
+                tensors[f"{base}.alpha"] = torch.tensor(float(rank))
+                tensors[f"{base}.diff_b"] = torch.randn(dim, generator=g) * 0.01
+        tensors[f"blocks.{i}.norm3.diff"] = torch.randn(dim, generator=g) * 0.05
+        tensors[f"blocks.{i}.norm3.diff_b"] = torch.randn(dim, generator=g) * 0.05
+        tensors[f"blocks.{i}.self_attn.norm_q.diff"] = torch.zeros(dim)
+        tensors[f"blocks.{i}.modulation.diff"] = torch.randn(1, 6, dim, generator=g) * 0.05
+    tensors["head.modulation.diff"] = torch.randn(1, 2, dim, generator=g) * 0.05
+    tensors.update(extra or {})
+    out = path / f"wan2.2_i2v_A14b_{kind}_lora_rank{rank}_lightx2v_4step_1022.safetensors"
+    save_file({f"diffusion_model.{k}": v.contiguous() for k, v in tensors.items()}, str(out))
+    return out
+

@@ -161,6 +161,54 @@ def test_fun_control_unit_keeps_the_image_latents(backend):
     assert "clip_feature" not in fixed  # Wan2.2-Fun takes none
 
 
+def test_zero_reference_latents_are_fed_as_videox_fun_does(backend, small_call):
+    """VideoX-Fun gives Wan2.2-Fun's ``ref_conv`` zero latents when there is no reference image: the DiT's
+    sequence starts with those reference tokens. ``FunControlUnit`` outputs them (one latent frame of zeros),
+    ``ref_conv`` runs on them at every DiT pass, and the video differs from diffsynth's stock sequence."""
+    pipe = backend.pipe
+    assert pipe.dit.has_ref_conv
+    unit = next(u for u in pipe.units if type(u) is real.FunControlUnit)
+    assert "reference_latents" in unit.output_params
+    control = [Image.fromarray(np.zeros((48, 112, 3), np.uint8))] * 5
+    latents = torch.randn(1, 16, 2, 6, 14)
+    out = unit.process(pipe=pipe, control_video=control, num_frames=5, height=48, width=112, tiled=False,
+                       tile_size=None, tile_stride=None, clip_feature=None, y=None, latents=latents)
+    assert out["reference_latents"].shape == (1, 16, 1, 6, 14) and not out["reference_latents"].any()
+    given = torch.ones(1, 16, 1, 6, 14)
+    assert "reference_latents" not in unit.process(pipe=pipe, control_video=control, num_frames=5, height=48,
+                                                   width=112, tiled=False, tile_size=None, tile_stride=None,
+                                                   clip_feature=None, y=None, latents=latents,
+                                                   reference_latents=given)  # a real reference is kept
+
+    seen = []
+    hooks = [dit.ref_conv.register_forward_hook(lambda m, i, o: seen.append((i[0].abs().max().item(), o.shape[-2:])))
+             for dit in (pipe.dit, pipe.dit2)]
+    ctx, control_video, background, mask, first, reference_out = small_call
+    try:
+        backend.synthesize(ctx, control_video, background, first, mask, PROMPT)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and all(m == 0.0 and tuple(s) == (48 // 16, 112 // 16) for m, s in seen)  # zeros, H/16 x W/16
+    # without the tokens (diffsynth's stock sequence), the same call gives another video
+    stock = list(pipe.units)
+    try:
+        pipe.units = [_NoRefUnit() if type(u) is real.FunControlUnit else u for u in stock]
+        without = backend.synthesize(ctx, control_video, background, first, mask, PROMPT)
+    finally:
+        pipe.units = stock
+    assert np.abs(without.astype(np.int16) - reference_out).mean() > 0.05
+
+
+class _NoRefUnit(real.FunControlUnit):
+    """The fixed unit minus the reference tokens (diffsynth's sequence, ``input_image`` kept)."""
+
+    def process(self, *args, **kwargs):
+        out = super().process(*args, **kwargs)
+        out.pop("reference_latents", None)
+        return out
+
+
 def test_real_settings_and_architecture():
     backend = tiny.make_backend()
     assert (backend.num_inference_steps, backend.cfg_scale, backend.seed) == (50, 6.0, 43)

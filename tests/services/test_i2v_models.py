@@ -14,7 +14,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
+import numpy as np
+import torch  # noqa: E402
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
@@ -173,6 +174,40 @@ def test_real_loader_round_trip(backend, tmp_path):
     out_lora = lora.animate(ctx, plate, PROMPT, 5, 16.0)
     assert out_lora.shape == (5, h, w, 3) and out_lora.dtype == np.uint8
     assert not np.array_equal(out_lora[1:], expected[1:])  # the LoRAs change the experts
+
+
+def test_lightx2v_lora_deltas_that_diffusers_drops_are_applied_or_refused(tmp_path):
+    """A LoRA in LightX2V's own key format: diffusers' converter loads its low-rank parts and bias deltas but
+    drops the norm and modulation ``.diff`` tensors (a DEBUG/INFO log). The loader adds them to the weights, as
+    LightX2V's does, and refuses a LoRA holding a non-zero delta it cannot place, naming it."""
+    ckpt = tiny.save_tiny_checkpoint(tmp_path / "ckpt")
+    high = tiny.save_tiny_lightx2v_lora(tmp_path / "loras", "high_noise")
+    low = tiny.save_tiny_lightx2v_lora(tmp_path / "loras", "low_noise")
+    base = real.load_pipeline(ckpt, None, torch.float32)
+    before = {n: p.detach().clone() for n, p in base.transformer.named_parameters()}
+
+    diffusers_only = real.load_pipeline(ckpt, None, torch.float32)
+    diffusers_only.load_lora_weights(str(high), adapter_name="x", local_files_only=True)
+    assert torch.equal(diffusers_only.transformer.blocks[0].norm2.weight, before["blocks.0.norm2.weight"])  # dropped
+
+    from safetensors.torch import load_file
+
+    raw = load_file(str(high))
+    pipe = real.load_pipeline(ckpt, (high, low), torch.float32)
+    t = pipe.transformer
+    for name, key in (("blocks.0.norm2.weight", "blocks.0.norm3.diff"), ("blocks.1.norm2.bias", "blocks.1.norm3.diff_b"),
+                      ("blocks.0.scale_shift_table", "blocks.0.modulation.diff"),
+                      ("scale_shift_table", "head.modulation.diff")):
+        torch.testing.assert_close(dict(t.named_parameters())[name].detach(),
+                                   before[name] + raw[f"diffusion_model.{key}"])
+    torch.testing.assert_close(t.blocks[0].attn1.norm_q.weight.detach(), before["blocks.0.attn1.norm_q.weight"])  # zero
+    assert set(t.peft_config) == {"lightx2v_high_noise"} and set(pipe.transformer_2.peft_config) == {"lightx2v_low_noise"}
+    assert real.lora_diffs(high)[1] == [] and len(real.lora_diffs(high)[0]) == 7  # 2 blocks x 3 + the head
+
+    odd = tiny.save_tiny_lightx2v_lora(tmp_path / "odd", "high_noise",
+                                       extra={"blocks.0.norm_added.diff": torch.ones(24)})
+    with pytest.raises(ConfigError, match="blocks.0.norm_added.diff"):
+        real.load_pipeline(ckpt, (odd, low), torch.float32)
 
 
 # --- errors ----------------------------------------------------------------------------------------------
