@@ -151,12 +151,53 @@ def check_model_dir(model_dir: str | Path | None) -> Path:
     return root
 
 
+def has_video_processor(model_dir: Path) -> bool:
+    """Whether ``model_dir`` configures a video processor: a ``video_processor`` block in
+    ``processor_config.json``/``preprocessor_config.json``, or a ``video_preprocessor_config.json``."""
+    import json
+
+    if (model_dir / "video_preprocessor_config.json").is_file():
+        return True
+    for name in PROCESSOR_FILES:
+        path = model_dir / name
+        if path.is_file():
+            try:
+                if "video_processor" in json.loads(path.read_text(encoding="utf-8")):
+                    return True
+            except (ValueError, OSError):
+                return False
+    return False
+
+
+def check_processor(model, processor, model_dir: Path) -> None:
+    """ConfigError unless the video processor resizes frames to the model's ``image_size`` (1008 for
+    facebook/sam3): a processor built from defaults resizes to 1024 px with ImageNet normalisation, and the
+    tracker would run on inputs it was not trained on without any error."""
+    size = dict(processor.video_processor.size or {})
+    expected = int(model.config.image_size)
+    if (size.get("height"), size.get("width")) != (expected, expected):
+        raise ConfigError(f"tracking processor in {model_dir} resizes frames to {size}, but the model expects "
+                          f"{expected}x{expected}: its processor config is not the checkpoint's")
+
+
 def load_pretrained(model_dir: Path, dtype: torch.dtype) -> tuple:
-    """``(Sam3TrackerVideoModel, Sam3TrackerVideoProcessor)`` from a local directory (never downloads)."""
+    """``(Sam3TrackerVideoModel, Sam3TrackerVideoProcessor)`` from a local directory (never downloads).
+
+    Reads both layouts: ``save_pretrained``'s (model_type ``sam3_tracker_video``) and the hub's
+    ``facebook/sam3`` (model_type ``sam3_video``: the tracker's config under ``tracker_config``, weights under
+    ``detector_model.vision_encoder.backbone.*``, ``tracker_neck.*`` and ``tracker_model.*``, renamed by
+    transformers' conversion mapping; the rest of the detector is skipped). Raises ConfigError when the
+    processor config has no video processor block or does not match the model's image size.
+    """
     from transformers import Sam3TrackerVideoModel, Sam3TrackerVideoProcessor
 
+    if not has_video_processor(model_dir):
+        raise ConfigError(f"tracking processor config in {model_dir} has no video processor (a 'video_processor' "
+                          f"block in {' or '.join(PROCESSOR_FILES)}, or video_preprocessor_config.json): the "
+                          f"tracker would run at 1024 px with ImageNet normalisation instead of {HUB_ID}'s")
     model = Sam3TrackerVideoModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     processor = Sam3TrackerVideoProcessor.from_pretrained(model_dir, local_files_only=True)
+    check_processor(model, processor, model_dir)
     return model, processor
 
 

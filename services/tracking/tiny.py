@@ -93,3 +93,33 @@ def save_tiny_checkpoint(path: str | Path) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_tiny_hub_checkpoint(path: str | Path) -> Path:
+    """Write the tiny tracker in ``facebook/sam3``'s hub layout and return ``path``.
+
+    ``config.json``: a ``Sam3VideoConfig`` (model_type ``sam3_video``, the default detector config) whose
+    ``tracker_config`` is :func:`tiny_config`; ``model.safetensors``: the tracker's weights under the hub's
+    names (``detector_model.vision_encoder.backbone.*`` for the ViT the detector and tracker share,
+    ``tracker_neck.*`` for the tracker's FPN neck, ``tracker_model.*`` for the rest) plus a detector-only
+    tensor the tracker must skip; the processor config as ``save_pretrained`` writes it.
+    """
+    from safetensors.torch import save_file
+    from transformers import Sam3VideoConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny()
+    Sam3VideoConfig(tracker_config=tiny_config().to_dict()).save_pretrained(path)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vision_encoder.backbone."):
+            tensors[f"detector_model.{key}"] = value
+        elif key.startswith("vision_encoder.neck."):
+            tensors["tracker_neck." + key.removeprefix("vision_encoder.neck.")] = value
+        else:
+            tensors[f"tracker_model.{key}"] = value
+    tensors["detector_model.detr_decoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(4, 4)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    processor.save_pretrained(path)
+    return path

@@ -211,6 +211,40 @@ def test_real_loader_round_trip(tmp_path, clip, backend):
     assert np.array_equal(mask, same)
 
 
+def test_real_loader_reads_the_hub_layout_and_refuses_a_processor_without_its_video_block(tmp_path, clip, backend):
+    """facebook/sam3 ships a ``sam3_video`` config (the tracker under ``tracker_config``) and weights named
+    ``detector_model.*`` / ``tracker_neck.*`` / ``tracker_model.*``, not what ``save_pretrained`` writes. The
+    loader reads that layout into exactly the same tracker (detector-only weights skipped). A processor config
+    without its video block, or one that resizes to another size than the model's, is refused: transformers'
+    defaults would be 1024 px with ImageNet normalisation."""
+    import json
+
+    from safetensors import safe_open
+
+    hub = tiny.save_tiny_hub_checkpoint(tmp_path / "hub")
+    assert json.loads((hub / "config.json").read_text())["model_type"] == "sam3_video"
+    with safe_open(str(hub / "model.safetensors"), framework="pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"detector_model", "tracker_neck", "tracker_model"}
+    loaded = real.make_backend(model_dir=hub, device="cpu")
+    loaded.setup()
+    ours = backend.model.state_dict()
+    theirs = loaded.model.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    (mask,) = loaded.track(None, clip.frames, [anchor(8)])
+    (same,) = backend.track(None, clip.frames, [anchor(8)])
+    assert np.array_equal(mask, same)
+
+    config = json.loads((hub / "processor_config.json").read_text())
+    (hub / "processor_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "video_processor"}))
+    with pytest.raises(ConfigError, match="no video processor"):
+        real.make_backend(model_dir=hub, device="cpu").setup()
+    config["video_processor"]["size"] = {"height": 1024, "width": 1024}
+    (hub / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="expects 224x224"):
+        real.make_backend(model_dir=hub, device="cpu").setup()
+
+
 def test_real_backend_names_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match="--model-dir"):
         real.make_backend()
