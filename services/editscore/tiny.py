@@ -82,20 +82,26 @@ def build_tiny_processor():
                                video_processor=video_processor, chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_model(processor, seed: int = SEED):
-    """A random ``Qwen2_5_VLForConditionalGeneration`` (about 0.15 M parameters) matching ``processor``."""
+def build_tiny_model(processor, seed: int = SEED, head_dim: int = 8):
+    """A random ``Qwen2_5_VLForConditionalGeneration`` (about 0.15 M parameters) matching ``processor``.
+
+    Text: 2 layers of 4 heads of ``head_dim`` (hidden ``4 x head_dim``), M-RoPE ``mrope_section``
+    [head_dim/4, head_dim/8, head_dim/8]. ``head_dim=32`` (hidden 128) is what vLLM's CPU attention runs:
+    the model ``make test-vllm`` serves.
+    """
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = processor.tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
+        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]},
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
                          bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                          pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=4 * head_dim,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -119,22 +125,28 @@ def make_backend(device=None, **options) -> EditScoreScorer:
     return EditScoreScorer(QwenVLJudge(load, dev, sampling), **{"name": NAME, **options})
 
 
-def save_tiny_checkpoint(path, lora: bool = True) -> Path:
+def save_tiny_checkpoint(path, lora: bool = True, head_dim: int = 8, merged: bool = False) -> Path:
     """Write the tiny model in ``real.make_backend(model_dir=path)``'s layout and return ``path``.
 
     ``path/base``: ``save_pretrained`` of the model and the processor; ``path/lora`` (if ``lora``): a peft LoRA
     (rank 4 on the text ``q_proj``/``v_proj``, random non-zero weights so merging changes the model).
+    ``merged``: also write ``path/merged``, the LoRA merged in (``merge_and_unload``) with the processor: what
+    ``vllm serve`` loads (``make test-vllm``, with ``head_dim=32``).
     """
     import torch
     from peft import LoraConfig, get_peft_model
 
     path = Path(path)
     processor = build_tiny_processor()
-    model = build_tiny_model(processor)
+    model = build_tiny_model(processor, head_dim=head_dim)
     model.save_pretrained(path / "base")
     processor.save_pretrained(path / "base")
     if lora:
         torch.manual_seed(SEED + 1)
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        get_peft_model(model, config).save_pretrained(path / "lora")
+        peft_model = get_peft_model(model, config)
+        peft_model.save_pretrained(path / "lora")
+        if merged:
+            peft_model.merge_and_unload().save_pretrained(path / "merged")
+            processor.save_pretrained(path / "merged")
     return path

@@ -77,25 +77,31 @@ def build_tiny_processor():
                             video_processor=Qwen3VLVideoProcessor(**vision), chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_model(processor):
+def build_tiny_model(processor, head_dim: int = 16):
     """A random ``Qwen3VLForConditionalGeneration`` (about 0.15 M parameters, seed 0) matching ``processor``.
 
-    Text: 2 layers, hidden 32, 2 heads (1 KV head) of 16, interleaved M-RoPE with ``mrope_section``
-    [4, 2, 2] (halves of the head dim split over t, h, w as in Qwen3-VL's [24, 20, 20] for 128), theta 5e6.
-    Vision: 2 blocks of 32, an 8x8 position grid, deepstack features from blocks 0 and 1.
+    Text: 2 layers, 2 heads (1 KV head) of ``head_dim`` (hidden ``2 x head_dim``), interleaved M-RoPE with
+    ``mrope_section`` [head_dim/4, head_dim/8, head_dim/8] (halves of the head dim split over t, h, w as in
+    Qwen3-VL's [24, 20, 20] for 128), theta 5e6. Vision: 2 blocks of 32, an 8x8 position grid, deepstack
+    features from blocks 0 and 1. ``head_dim=32`` is the smallest vLLM's CPU attention runs (its kernels take
+    32, 64, 80, ...): the model ``make test-vllm`` serves.
     """
+    if head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8, got {head_dim}")
     import torch
     from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = processor.tokenizer
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+        text_config=dict(vocab_size=len(tok), hidden_size=2 * head_dim, intermediate_size=4 * head_dim,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+                         max_position_embeddings=32768,  # vLLM refuses a --max-model-len (16384) above it
                          rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                          "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+                                          "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+                                          "mrope_interleaved": True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH_SIZE,
                            spatial_merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
-                           out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+                           out_hidden_size=2 * head_dim, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
         image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
         vision_start_token_id=processor.vision_start_token_id, vision_end_token_id=processor.vision_end_token_id)
     torch.manual_seed(SEED)
@@ -107,10 +113,10 @@ def build_tiny_model(processor):
     return model
 
 
-def build_tiny():
-    """``(model, processor)``: the tiny Qwen3-VL and its processor."""
+def build_tiny(head_dim: int = 16):
+    """``(model, processor)``: the tiny Qwen3-VL (text heads of ``head_dim``) and its processor."""
     processor = build_tiny_processor()
-    return build_tiny_model(processor), processor
+    return build_tiny_model(processor, head_dim), processor
 
 
 def make_backend(device: str | None = None, **options) -> QwenGrounder:
@@ -123,14 +129,14 @@ def make_backend(device: str | None = None, **options) -> QwenGrounder:
     return QwenGrounder(engine, name="tiny-qwen3-vl")
 
 
-def save_tiny_checkpoint(path: str | Path) -> Path:
+def save_tiny_checkpoint(path: str | Path, head_dim: int = 16) -> Path:
     """Write the tiny model and processor to ``path`` (``save_pretrained``): ``config.json``,
     ``generation_config.json``, ``model.safetensors``, ``processor_config.json``, ``tokenizer.json``,
-    ``tokenizer_config.json``, ``chat_template.jinja``. Returns ``path``.
+    ``tokenizer_config.json``, ``chat_template.jinja``. Returns ``path``. ``head_dim=32`` for vLLM's CPU build.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model, processor = build_tiny()
+    model, processor = build_tiny(head_dim)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
