@@ -43,7 +43,7 @@ from sparkle.artifacts import ArtifactIO, ImageRef, MaskRef, VideoRef
 from sparkle.config import PipelineConfig
 from sparkle.errors import ArtifactMissing
 from sparkle.funnel import write_funnel
-from sparkle.media import conform, read_video, sample_indices
+from sparkle.media import conform_file, sample_indices
 from sparkle.published import sample_document
 from sparkle.service import SampleRef
 from sparkle.store import ArtifactStore, staging_prefix
@@ -158,8 +158,7 @@ def ingest(task: SampleTask, env: StageEnv) -> SampleTask:
             raw = env.store.get_file(task.source_key, Path(tmp) / PurePosixPath(task.source_key).name)
         except KeyError as exc:
             raise ArtifactMissing(f"source video not found: {task.source_key}") from exc
-        cfg = env.config.conform
-        video = conform(read_video(raw, max_frames=cfg.max_frames, fps=cfg.fps), cfg)
+        video = conform_file(raw, env.config.conform)  # frame by frame: memory bounded by the output
     task.fps, task.shape = video.fps, video.shape
     task.refs["source_video"] = env.io.put_video(task.staged(layout.source_video(task.edit_type, task.id)),
                                                  video.frames, video.fps)

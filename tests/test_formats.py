@@ -172,3 +172,44 @@ def test_a_manifest_line_may_hold_u2028():
     prompt = "Replace the background with a beach\u2028at dusk"
     text = "\n".join(json.dumps({"video": f"{i}.mp4", "prompt": prompt}, ensure_ascii=False) for i in range(2))
     assert [e.prompt for e in parse_manifest(text + "\n")] == [prompt, prompt]
+
+
+def test_frames_over_the_pixel_budget_are_refused_before_decoding(tmp_path):
+    """A few-KB H.264 file declaring 4096x2304 frames (over 3840x2160) and a 4000x4000 palette PNG of a few KB
+    are refused from their headers in well under a second with TooLarge (HTTP 413), nothing decoded; a
+    20000x20000 PNG trips Pillow's own bomb check, which is a TooLarge too (it was an HTTP 500)."""
+    import time
+
+    from PIL import Image
+
+    from sparkle.errors import TooLarge
+    from sparkle.media import MAX_FRAME_PIXELS, read_image, read_video, write_video
+
+    bomb = write_video(tmp_path / "bomb.mp4", np.zeros((2, 2304, 4096, 3), np.uint8), 16)
+    assert bomb.stat().st_size < 64_000 and 4096 * 2304 > MAX_FRAME_PIXELS
+    started = time.perf_counter()
+    with pytest.raises(TooLarge, match="4096x2304"):
+        read_video(bomb)
+    assert time.perf_counter() - started < 1.0
+    png = tmp_path / "bomb.png"
+    Image.new("P", (4000, 4000)).save(png, optimize=True)  # over our budget, under Pillow's own limit
+    assert png.stat().st_size < 200_000
+    started = time.perf_counter()
+    with pytest.raises(TooLarge, match="4000x4000"):
+        read_image(png)
+    assert time.perf_counter() - started < 1.0
+    huge = tmp_path / "huge.png"
+    Image.new("1", (20000, 20000)).save(huge)  # past Pillow's own bomb limit too
+    with pytest.raises(TooLarge):
+        read_image(huge)
+
+
+def test_conforming_a_file_frame_by_frame_gives_the_same_frames():
+    from sparkle.media import conform, conform_file, read_video
+
+    from .conftest import PEDESTRIANS
+
+    cfg = ConformConfig(max_long_side=320, max_short_side=192, max_frames=33)
+    a = conform_file(PEDESTRIANS, cfg)
+    b = conform(read_video(PEDESTRIANS, max_frames=33, fps=16), cfg)
+    assert a.fps == b.fps == 16.0 and np.array_equal(a.frames, b.frames)

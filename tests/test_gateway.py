@@ -864,3 +864,16 @@ def test_unreachable_broker_is_503(make_gateway, gw_settings, media, what):
         r = gw.client.post("/v1/datasets", json={"entries": [{"video_key": "uploads/a.mp4"}]})
     assert r.status_code == 503, (r.status_code, r.text[:300])
     assert r.headers.get("retry-after") == "5" and "queue unavailable" in r.json()["detail"]
+
+
+def test_a_decompression_bomb_is_refused_with_413_before_anything_is_decoded_or_stored(gateway, tmp_path):
+    """A few-KB MP4 declaring 4096x2304 frames (over the 3840x2160 budget): 413 from its header, quickly, and
+    nothing published or staged. (An 8192x4320 one used to be accepted and cost 2.58 GB on the worker.)"""
+    from sparkle.media import write_video
+
+    bomb = write_video(tmp_path / "bomb.mp4", np.zeros((2, 2304, 4096, 3), np.uint8), 16)
+    started = time.perf_counter()
+    r = gateway.post_video(bomb, filename="bomb.mp4")
+    assert r.status_code == 413 and "4096x2304" in r.json()["detail"], r.text
+    assert time.perf_counter() - started < 2.0
+    assert_nothing_stored(gateway.store)

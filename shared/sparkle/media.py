@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import cv2
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .config import ConformConfig
-from .errors import InputError
+from .errors import InputError, TooLarge
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -52,6 +53,21 @@ MIN_SIDE_PX = 32
 MAX_SIDE_PX = 8192
 """Accepted source sides, pixels: below 32 px nothing survives conforming to 16-px multiples; above 8192 px
 (8K is 7680 x 4320) a single frame is larger than anything the pipeline produces (1280 x 720 at most)."""
+
+
+MAX_FRAME_PIXELS = 3840 * 2160
+"""Pixels of one frame or image decoded at most (4K UHD, 8.3 MP, 25 MB as RGB): larger is refused from the
+container's or file header's size, before anything is decoded (TooLarge, HTTP 413). A 16 KB H.264 file can
+declare 8192x4320 frames that cost 106 MB each once decoded; a 140 KB PNG 12000x12000, 432 MB."""
+
+Image.MAX_IMAGE_PIXELS = 2 * MAX_FRAME_PIXELS  # Pillow's own bomb check, past ours (its error is mapped too)
+
+
+def check_frame_pixels(width: int, height: int, what: str) -> None:
+    """TooLarge unless ``width x height`` is at most :data:`MAX_FRAME_PIXELS`."""
+    if width * height > MAX_FRAME_PIXELS:
+        raise TooLarge(f"{what} is {width}x{height}: frames over {MAX_FRAME_PIXELS:,} pixels (3840x2160) are not "
+                       "decoded")
 
 
 def check_resolution(height: int, width: int, what: str = "video") -> None:
@@ -92,15 +108,21 @@ def resample_times(times: list[float] | np.ndarray, end_s: float, fps: float) ->
     return [int(i) for i in np.maximum(np.searchsorted(times, at, side="right") - 1, 0)]
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None, fps: float | None = None) -> Video:
+def read_video(path: str | os.PathLike, max_frames: int | None = None, fps: float | None = None,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Video:
     """Decode frames from t=0, upright (display rotation applied): up to ``max_frames`` (all if None).
 
     ``fps``: resample to this rate by timestamp while decoding (:func:`resample_times`): up to ``max_frames``
     frames at ``fps`` are returned, covering the same seconds as the source (a 30 fps clip is decoded for
     ``max_frames / fps`` seconds); None keeps the source's frames and rate. Memory holds the returned frames
-    and one more.
+    and one more. ``transform``: applied to each kept frame as it is decoded (e.g. :func:`conform_file`'s
+    resize), so only transformed frames are held.
 
-    Raises InputError for a missing, empty or undecodable file, or one without a video stream/frames.
+    Frames are checked before they are decoded: the stream's declared size against :data:`MAX_FRAME_PIXELS`
+    (TooLarge), and every frame against the first one's size (a stream that changes size mid-way is refused).
+
+    Raises InputError for a missing, empty or undecodable file, one without a video stream/frames, or frames of
+    changing size; TooLarge for frames over the pixel budget.
     """
     p = check_input_file(path)
     try:
@@ -113,12 +135,14 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, fps: floa
             src_fps = float(rate) if rate else 0.0
             if not src_fps or not np.isfinite(src_fps) or src_fps <= 0:
                 raise InputError(f"cannot tell the frame rate of {p}")
+            check_frame_pixels(stream.codec_context.width, stream.codec_context.height, f"video {p.name}")
             frames: list[np.ndarray] = []
-            rot = None
+            rot, size = None, None
 
             def rgb(frame) -> np.ndarray:
                 arr = frame.to_ndarray(format="rgb24")
-                return np.ascontiguousarray(np.rot90(arr, k=rot // 90)) if rot else arr
+                arr = np.ascontiguousarray(np.rot90(arr, k=rot // 90)) if rot else arr
+                return transform(arr) if transform is not None else arr
 
             def full() -> bool:
                 return max_frames is not None and len(frames) >= max_frames
@@ -126,6 +150,12 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, fps: floa
             # (fps) the frame on screen (converted only if an output slot shows it), its time, the next slot
             t0, held, held_arr, held_t, k = None, None, None, 0.0, 0
             for n, frame in enumerate(container.decode(stream)):
+                if size is None:
+                    size = (frame.width, frame.height)
+                    check_frame_pixels(*size, f"video {p.name}")
+                elif (frame.width, frame.height) != size:
+                    raise InputError(f"video {p.name}: frame {n} is {frame.width}x{frame.height}, frame 0 was "
+                                     f"{size[0]}x{size[1]}; a source must keep one size")
                 if rot is None:
                     rot = display_rotation(stream, frame)
                 if fps is None:
@@ -179,11 +209,15 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Load an image as ``(H, W, 3) uint8`` RGB. Raises InputError if missing or undecodable."""
+    """Load an image as ``(H, W, 3) uint8`` RGB. Raises InputError if missing or undecodable, TooLarge over
+    :data:`MAX_FRAME_PIXELS` (read from the header, before decoding)."""
     p = check_input_file(path, "image")
     try:
         with Image.open(p) as im:
+            check_frame_pixels(*im.size, f"image {p.name}")  # from the header: nothing decoded yet
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise TooLarge(f"image {p.name}: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise InputError(f"not a decodable image: {p} ({exc})") from exc
 
@@ -246,6 +280,26 @@ def conform(video: Video, cfg: ConformConfig) -> Video:
     sw, sh, ow, oh = conformed_size(w, h, cfg)
     frames = np.stack([resize_crop(f, (sw, sh), (ow, oh)) for f in video.frames[:t]])
     return Video(frames, video.fps)
+
+
+def conform_file(path: str | os.PathLike, cfg: ConformConfig) -> Video:
+    """:func:`conform` of a file, frame by frame: each frame is resized and cropped as it is decoded, so memory
+    holds the conformed frames (81 at 1280x720: 224 MB) and one source frame, not 81 source frames (a 4K source:
+    2 GB). The same frames as ``conform(read_video(path, cfg.max_frames, cfg.fps), cfg)``. Raises InputError,
+    TooLarge (see :func:`read_video`)."""
+    sizes: dict[str, tuple[int, int, int, int]] = {}
+
+    def resize(frame: np.ndarray) -> np.ndarray:
+        if "size" not in sizes:
+            sizes["size"] = conformed_size(frame.shape[1], frame.shape[0], cfg)
+        sw, sh, ow, oh = sizes["size"]
+        return resize_crop(frame, (sw, sh), (ow, oh))
+
+    video = read_video(path, max_frames=cfg.max_frames, fps=cfg.fps, transform=resize)
+    t = trimmed_length(video.shape[0], cfg.max_frames)
+    if t < 5:
+        raise InputError(f"video too short: {video.shape[0]} frame(s); at least 5 are needed")
+    return Video(np.ascontiguousarray(video.frames[:t]), video.fps)
 
 
 def fit_to(image: np.ndarray, w: int, h: int) -> np.ndarray:
