@@ -100,6 +100,25 @@ async def _save_upload(upload: UploadFile, stem: Path, limit: int) -> Path:
     return path
 
 
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` reused with a different request (HTTP 422)."""
+
+
+def _fingerprint(video: Path, background: Path | None, *fields) -> str:
+    """SHA-256 of a job request: the uploaded files' bytes and every field (``config`` as its JSON), so that a
+    reused ``Idempotency-Key`` is recognised as the same request or refused as another one."""
+    sha = hashlib.sha256()
+    for path in (video, background):
+        if path is not None:
+            with open(path, "rb") as f:
+                sha.update(hashlib.file_digest(f, "sha256").digest())
+        sha.update(b"\0")
+    for value in fields:
+        sha.update(json.dumps(value.model_dump(mode="json") if hasattr(value, "model_dump") else value,
+                              sort_keys=True, default=str).encode() + b"\0")
+    return sha.hexdigest()
+
+
 def build_gateway(settings: DistributedSettings | None = None, store=None, celery_app=None,
                   config: PipelineConfig | None = None) -> FastAPI:
     """The gateway app. ``store`` (default: ``SPARKLE_STORE_URL``), ``celery_app`` (default: the project's app)
@@ -189,16 +208,24 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                     return journey.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
                                              force, gates, **args), True
                 mapping = jobs.idempotency_key(idempotency_key, who)
+                request = _fingerprint(video_path, bg_path, prompt, theme, chosen_keyword, force, gates, config)
                 with store.lock(mapping):
                     if store.exists(mapping):
-                        return jobs.read_job(store, store.get_json(mapping)["job"]), False
+                        known = store.get_json(mapping)
+                        if known.get("request", request) != request:
+                            raise IdempotencyConflict(
+                                "this Idempotency-Key was used for a different request (other files or fields); "
+                                "use a new key for a new job")
+                        return jobs.read_job(store, known["job"]), False
                     doc = journey.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
                                             force, gates, **args)
-                    store.put_json(mapping, {"job": doc["id"], "created_at": time.time()})
+                    store.put_json(mapping, {"job": doc["id"], "request": request, "created_at": time.time()})
                     return doc, True
 
             try:
                 doc, created = await asyncio.to_thread(submit)
+            except IdempotencyConflict as exc:
+                raise HTTPException(422, str(exc)) from None
             except InputError as exc:  # name the client's file, not the gateway's temporary copy
                 raise type(exc)(str(exc).replace(tmp + "/", "")) from None
             except Exception as exc:  # noqa: BLE001 - broker or store down: nothing was kept

@@ -324,6 +324,22 @@ def test_idempotency_key_returns_the_same_job(gateway, media):
     assert len(gateway.queued()) == 2
 
 
+def test_an_idempotency_key_reused_for_another_request_is_422_not_the_first_job(gateway, media):
+    """Same key, another prompt (or another file): 422 naming the conflict, nothing new submitted; it used to
+    return the first job silently, as if the new request had been accepted."""
+    first = gateway.post_video(media["small"], headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202
+    keys = gateway.store.list_keys("")
+    other_prompt = gateway.post_video(media["small"], prompt="Replace the background with a beach",
+                                      headers={"Idempotency-Key": "k-1"})
+    assert other_prompt.status_code == 422 and "different request" in other_prompt.json()["detail"]
+    other_file = gateway.post_video(JUGGLE,
+                                    headers={"Idempotency-Key": "k-1"})
+    assert other_file.status_code == 422
+    assert gateway.store.list_keys("") == keys and len(gateway.queued()) == 1
+    assert gateway.post_video(media["small"], headers={"Idempotency-Key": "k-1"}).status_code == 200  # the same
+
+
 def test_idempotency_key_is_scoped_to_the_api_key(make_gateway, media):
     gw = make_gateway(gateway_api_keys="k1,k2")
     a = gw.post_video(media["small"], headers={"Idempotency-Key": "same", "X-API-Key": "k1"})
