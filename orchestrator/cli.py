@@ -369,20 +369,17 @@ def enqueue_command(
         datasets.drive(celery_app, ds["id"], resume=True)
         typer.echo(ds["id"])
         return
-    first = True
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
         bar = progress.add_task("samples", total=ds["total"])
-        while True:
-            state = datasets.dataset_tick(celery_app, store, ds["id"], window, resume=first)
-            first = False
+
+        def show(state: dict) -> None:
             counts = state["counts"]
             progress.update(bar, completed=sum(counts.values()),
                             description=f"in flight {len(state['in_flight'])}, " +
                                         ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-            if state["done"]:
-                break
-            time.sleep(poll_s)
+
+        datasets.follow(celery_app, store, ds["id"], window, poll_s, on_state=show)  # rides out Redis restarts
     status = datasets.dataset_status(store, ds["id"])
     if as_json:
         typer.echo(json.dumps(json_safe(status), indent=2, allow_nan=False))

@@ -13,8 +13,9 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +32,8 @@ from . import jobs, journey
 from .celery_app import SparkleTask, app, transient_types
 from .local import MAX_PROMPT_CHARS, allocate_ids
 from .pipeline import summary
+
+log = logging.getLogger("sparkle.datasets")
 
 CHUNK = 1000  # manifest entries per samples/{chunk}.jsonl file
 
@@ -374,6 +377,37 @@ def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None 
         state["updated_at"] = time.time()
         store.put_json(prefix + "state.json", state)
     return state
+
+
+def follow(celery_app, store: ArtifactStore, did: str, window: int | None = None, poll_s: float = 1.0,
+           on_state: Callable[[dict], None] | None = None, sleep: Callable[[float], None] = time.sleep,
+           max_backoff_s: float = 30.0) -> dict:
+    """Drive a bulk run from this process until it is done (``sparkle enqueue``); returns the final state.
+
+    The first successful tick resumes the samples in flight (``resume``); then a tick every ``poll_s`` s,
+    ``on_state(state)`` after each. A transient error (Redis or the store away: a restart, a blip) is waited
+    out with back-off from ``poll_s`` up to ``max_backoff_s`` and never ends the run: the tick is idempotent,
+    and its lock is released or expires. Other errors propagate.
+    """
+    from .celery_app import is_transient
+
+    resumed, delay = False, poll_s
+    while True:
+        try:
+            state = dataset_tick(celery_app, store, did, window, resume=not resumed)
+        except Exception as exc:  # noqa: BLE001 - only transient ones are waited out
+            if not is_transient(exc):
+                raise
+            log.warning("dataset %s: %s: %s; next tick in %.1f s", did, exc.__class__.__name__, exc, delay)
+            sleep(delay)
+            delay = min(max_backoff_s, delay * 2)
+            continue
+        resumed, delay = True, poll_s
+        if on_state is not None:
+            on_state(state)
+        if state["done"]:
+            return state
+        sleep(poll_s)
 
 
 def dataset_status(store: ArtifactStore, did: str) -> dict:

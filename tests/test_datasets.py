@@ -167,3 +167,31 @@ def test_a_submission_cut_short_before_the_tick_recorded_it_is_resumed_not_lost(
     state = datasets.dataset_tick(app, store, ds["id"], window=1)
     assert state["in_flight"] == [first]
     assert app.sent == [("sparkle.stage", [first, "ingest"])]
+
+
+def test_enqueue_rides_out_a_redis_restart_and_resumes_on_its_first_good_tick(monkeypatch):
+    """``sparkle enqueue``'s loop (``datasets.follow``): Redis going away mid-run (two ticks fail with a
+    connection error) is waited out with back-off, not a crash, and the samples in flight are resumed by the
+    first tick that gets through; a non-transient error still ends the run. (It died on the first blip.)"""
+    import redis
+
+    calls, sleeps, shown = [], [], []
+    script = [redis.ConnectionError("Connection refused"), redis.ConnectionError("Connection refused"),
+              {"done": False}, {"done": True}]
+
+    def tick(app, store, did, window, resume):
+        calls.append(resume)
+        step = script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    monkeypatch.setattr(datasets, "dataset_tick", tick)
+    final = datasets.follow(None, None, "d", poll_s=0.5, on_state=shown.append, sleep=sleeps.append)
+    assert final == {"done": True}
+    assert calls == [True, True, True, False]  # resume until a tick succeeds, then plain ticks
+    assert sleeps == [0.5, 1.0, 0.5] and shown == [{"done": False}, {"done": True}]
+
+    monkeypatch.setattr(datasets, "dataset_tick", lambda *a, **k: (_ for _ in ()).throw(KeyError("no dataset")))
+    with pytest.raises(KeyError):
+        datasets.follow(None, None, "d", sleep=sleeps.append)
