@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sparkle import layout
+from sparkle.backends import MAX_KEYWORD_CHARS
 from sparkle.config import PipelineConfig
 from sparkle.errors import InputError
 from sparkle.funnel import funnel_add, funnel_result
@@ -52,7 +53,7 @@ class ManifestEntry(BaseModel):
     video_key: str | None = None
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     theme: str = "location"
-    chosen_keyword: str | None = None
+    chosen_keyword: str | None = Field(None, max_length=MAX_KEYWORD_CHARS)
     background: str | None = None
     background_key: str | None = None
     force: bool = False

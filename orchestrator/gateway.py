@@ -38,6 +38,7 @@ from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 
 from sparkle import layout
+from sparkle.backends import MAX_KEYWORD_CHARS
 from sparkle.config import PipelineConfig, distributed_config
 from sparkle.errors import InputError, TooLarge
 from sparkle.serving import BodyLimit
@@ -84,8 +85,12 @@ def _raise_unavailable(exc: Exception) -> None:
 
 async def _save_upload(upload: UploadFile, stem: Path, limit: int) -> Path:
     """Copy an upload (already streamed by the multipart parser) to ``stem`` + the client's suffix, under the
-    client's base name; TooLarge (413) beyond ``limit`` bytes."""
-    name = PurePosixPath((upload.filename or "upload.mp4").replace("\\", "/")).name or "upload.mp4"
+    client's base name (``upload`` + its suffix when that name is ``..``-like or over 200 bytes: it was an
+    HTTP 500); TooLarge (413) beyond ``limit`` bytes."""
+    name = PurePosixPath((upload.filename or "upload.mp4").replace("\\", "/")).name
+    if name in ("", ".", "..") or len(name.encode()) > 200:
+        suffix = PurePosixPath(name).suffix[:16] if name not in (".", "..") else ""
+        name = "upload" + (suffix or ".mp4")
     path = stem / name
     stem.mkdir(parents=True, exist_ok=True)
 
@@ -184,7 +189,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         video: Annotated[UploadFile, File(description="the source video (a fixed-camera clip)")],
         prompt: Annotated[str | None, Form(description="the instruction; omitted: written from the theme")] = None,
         theme: Annotated[str, Form(description="edit_type: location, season, time, style, openve3m")] = "location",
-        chosen_keyword: Annotated[str | None, Form(description='"subtheme: scene" for the metadata')] = None,
+        chosen_keyword: Annotated[str | None, Form(max_length=MAX_KEYWORD_CHARS,
+                                                   description='"subtheme: scene" for the metadata')] = None,
         background: Annotated[UploadFile | None, File(description="image or video to use as background")] = None,
         force: Annotated[bool, Form(description="keep a clip the camera filter refuses")] = False,
         gates: Annotated[bool, Form(description="reject samples below the EditScore gates")] = True,

@@ -893,3 +893,32 @@ def test_a_decompression_bomb_is_refused_with_413_before_anything_is_decoded_or_
     assert r.status_code == 413 and "4096x2304" in r.json()["detail"], r.text
     assert time.perf_counter() - started < 2.0
     assert_nothing_stored(gateway.store)
+
+
+@pytest.mark.parametrize("filename", ["..", ".", "x" * 300 + ".mp4", "a/../.."])
+def test_odd_upload_names_are_not_a_500(gateway, media, filename):
+    """A file named ``..`` or longer than a file system allows was an HTTP 500; the upload is kept under a safe
+    name and judged by its content."""
+    r = gateway.post_video(media["small"], filename=filename)
+    assert r.status_code == 202, r.text
+
+
+def test_keywords_and_labels_are_bounded(gateway, media, manifest_root):
+    """A 500 000-character ``chosen_keyword`` used to be published as metadata: the gateway refuses one over
+    200 characters (422), a manifest entry too (400), the grounding service a label over 100 (422), and a
+    model's runaway label is cut."""
+    from sparkle.backends import MAX_KEYWORD_CHARS, MAX_LABEL_CHARS
+    from sparkle.services.grounding import real
+    from sparkle.services.grounding.app import Round2Request
+
+    r = gateway.post_video(media["small"], chosen_keyword="urban: " + "x" * MAX_KEYWORD_CHARS)
+    assert r.status_code == 422 and "chosen_keyword" in r.text
+    assert_nothing_stored(gateway.store)
+    with pytest.raises(InputError, match="chosen_keyword"):
+        datasets.parse_manifest(json.dumps({"video": "clips/juggle.mp4", "chosen_keyword": "y" * 201}))
+    with pytest.raises(ValueError):
+        Round2Request.model_validate({"sample": {"sample_id": "Sparkle_location_000000", "prompt": "p",
+                                                 "source_video": "s"}, "frame_indices": [0],
+                                      "labels": ["z" * (MAX_LABEL_CHARS + 1)]})
+    [(label, _)] = real.parse_objects('[{"bbox_2d": [1, 2, 3, 4], "label": "%s"}]' % ("w" * 5000))
+    assert label == "w" * MAX_LABEL_CHARS

@@ -7,13 +7,19 @@ that many requests reach vLLM at once and its continuous batching works.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field
 
 from sparkle.artifacts import ImageRef, VideoRef
-from sparkle.backends import GroundedObject
+from sparkle.backends import MAX_LABEL_CHARS, GroundedObject
 from sparkle.captions import Captions
 from sparkle.errors import InputError
 from sparkle.service import OpRequest, OpResponse, SampleRef, ServiceAPI, ServiceClient, operation
+
+
+Label = Annotated[str, Field(max_length=MAX_LABEL_CHARS)]
+"""A round-1 label in a request: short (a model writes a few words; 500 000 characters were published)."""
 
 
 class DescribeRequest(OpRequest):
@@ -35,7 +41,7 @@ class ObjectsResponse(OpResponse):
 
 class Round2Request(OpRequest):
     frame_indices: list[int] = Field(min_length=1, max_length=81, description="source frames, sampled at 2 FPS")
-    labels: list[str] = Field(max_length=32)
+    labels: list[Label] = Field(max_length=32)
 
 
 class FrameObjectsResponse(OpResponse):
@@ -64,7 +70,7 @@ class TextResponse(OpResponse):
 
 class CaptionRequest(OpRequest):
     instruction: str = Field(min_length=1, max_length=4000)
-    labels: list[str] = Field(default_factory=list, max_length=32, description="round-1 labels")
+    labels: list[Label] = Field(default_factory=list, max_length=32, description="round-1 labels")
 
 
 class CaptionResponse(OpResponse):

@@ -38,7 +38,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from sparkle.backends import GROUNDING_MAX_IMAGE_PIXELS, GROUNDING_MAX_IMAGES, GroundedObject, SampleContext
+from sparkle.backends import (GROUNDING_MAX_IMAGE_PIXELS, GROUNDING_MAX_IMAGES, MAX_LABEL_CHARS, GroundedObject,
+                              SampleContext)
 from sparkle.captions import Captions, captions_from_instruction
 from sparkle.errors import ConfigError
 
@@ -219,10 +220,12 @@ def normalise_box(value: Any) -> list[int]:
 
 
 def _label_of(entry: dict) -> str | None:
+    """The entry's label, stripped and cut to :data:`~sparkle.backends.MAX_LABEL_CHARS` (a label is a few words;
+    a runaway answer must not become the dataset's metadata), or None."""
     for key in _LABEL_KEYS:
         v = entry.get(key)
         if isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v).strip():
-            return str(v).strip()
+            return str(v).strip()[:MAX_LABEL_CHARS].strip()
     return None
 
 

@@ -94,6 +94,12 @@ class Backend(Protocol):
         """Load weights / build state once per process."""
 
 
+MAX_LABEL_CHARS = 100
+"""Characters of a grounding label at most, in requests and in a model's answer (longer ones are cut)."""
+
+MAX_KEYWORD_CHARS = 200
+"""Characters of a ``chosen_keyword`` ("subtheme: scene") at most (metadata; a request past it is refused)."""
+
 GROUNDING_MAX_IMAGES = 16
 """Images in one grounding request at most: vLLM's ``--limit-mm-per-prompt '{"image": 16}'`` (larger frame sets
 are subsampled or split by the backend)."""
