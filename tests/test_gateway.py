@@ -922,3 +922,24 @@ def test_keywords_and_labels_are_bounded(gateway, media, manifest_root):
                                       "labels": ["z" * (MAX_LABEL_CHARS + 1)]})
     [(label, _)] = real.parse_objects('[{"bbox_2d": [1, 2, 3, 4], "label": "%s"}]' % ("w" * 5000))
     assert label == "w" * MAX_LABEL_CHARS
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_400(make_gateway):
+    """Without a Content-Length (chunked transfer), the body is counted as it streams: over the limit it is a
+    413 with a JSON detail (the multipart parser turned the cut into a 400 before), and nothing is stored."""
+    gw = make_gateway(max_upload_bytes=200_000)
+    boundary = "sparkleboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"clip.mp4\"\r\n"
+            "Content-Type: video/mp4\r\n\r\n").encode()
+
+    def chunks():
+        yield head
+        for _ in range(30):
+            yield bytes(64_000)  # 1.9 MB in all, streamed
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = gw.client.post("/v1/jobs", content=chunks(),
+                       headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+    assert "larger than" in r.json()["detail"]
+    assert_nothing_stored(gw.store)

@@ -139,10 +139,8 @@ class _Runner:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 when a request body exceeds ``limit`` bytes (header or streamed count)."""
-
-    class _Exceeded(Exception):
-        pass
+    """ASGI middleware: 413 when a request body exceeds ``limit`` bytes, from the ``Content-Length`` header or,
+    for a chunked body, by counting it as it streams (it was a 400 from the body parser)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -159,20 +157,32 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and int(length) > self.limit:
             return await self._reject(send)
-        seen = 0
+        seen, exceeded = 0, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise self._Exceeded()
+                    # The body parser would turn an exception into its own 400 ("error parsing the body"): end
+                    # the body as a disconnect instead, drop whatever the app answers, and answer 413 below.
+                    exceeded = True
+                    return {"type": "http.disconnect"}
             return message
 
+        async def guarded_send(message):
+            if not exceeded:
+                await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except self._Exceeded:
+            await self.app(scope, limited, guarded_send)
+        except Exception:  # noqa: BLE001 - the app's reaction to the cut body; anything else re-raises
+            if not exceeded:
+                raise
+        if exceeded:
             await self._reject(send)
 
 
