@@ -135,7 +135,9 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, fps: floa
             src_fps = float(rate) if rate else 0.0
             if not src_fps or not np.isfinite(src_fps) or src_fps <= 0:
                 raise InputError(f"cannot tell the frame rate of {p}")
-            check_frame_pixels(stream.codec_context.width, stream.codec_context.height, f"video {p.name}")
+            ctx = stream.codec_context  # None for a codec no decoder knows (decoding then fails: InputError)
+            if ctx is not None and ctx.width and ctx.height:
+                check_frame_pixels(ctx.width, ctx.height, f"video {p.name}")
             frames: list[np.ndarray] = []
             rot, size = None, None
 
