@@ -33,3 +33,7 @@ class ServiceRejected(SparkleError):
 class ServiceUnavailable(SparkleError):
     """A model service stayed unavailable (503, 504, 5xx, connection errors) through every retry."""
 
+
+class InvalidKey(InputError, ValueError):
+    """An artifact key that is absolute or leaves the store (``..``): bad input (HTTP 400), also a ValueError."""
+

@@ -27,6 +27,8 @@ This module imports no web framework: queue workers and the orchestrator use it 
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import functools
 import hashlib
 import json
@@ -35,7 +37,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .artifacts import ArtifactIO
 from .backends import SampleContext
@@ -52,7 +54,8 @@ class Strict(BaseModel):
 class SampleRef(Strict):
     """Which sample a request belongs to: its id, prompt and stored source (plus background and mask)."""
 
-    sample_id: str = Field(min_length=1, max_length=200)
+    sample_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$",
+                           description="one path segment: the sample's staging area is staging/{sample_id}/")
     prompt: str = Field("", max_length=4000)
     source_video: str = Field(min_length=1, description="key of the conformed source video")
     background: str | None = Field(None, description="key of a user background image or video")
@@ -66,6 +69,18 @@ class OpRequest(Strict):
     output_suffix: ClassVar[str | None] = None
 
     sample: SampleRef
+
+    @model_validator(mode="after")
+    def _output_in_the_samples_staging_area(self):
+        """A model server writes only under the calling sample's ``staging/{sample_id}/`` (one unauthenticated
+        request could overwrite a published video or the dataset's CSV); 422 otherwise."""
+        output = getattr(self, "output", None)
+        if output:
+            prefix = staging_prefix(self.sample.sample_id)
+            parts = PurePosixPath(output).parts
+            if not output.startswith(prefix) or ".." in parts or self.sample.sample_id in (".", ".."):
+                raise ValueError(f"output {output!r} must lie under {prefix} (the calling sample's staging area)")
+        return self
 
 
 class OpResponse(Strict):

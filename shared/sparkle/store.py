@@ -28,6 +28,8 @@ from typing import Callable, TypeVar
 
 from filelock import FileLock
 
+from .errors import InvalidKey
+
 T = TypeVar("T")
 
 
@@ -175,7 +177,7 @@ class LocalStore(ArtifactStore):
         """The file of ``key``. Raises ValueError on absolute keys or keys leaving the root."""
         pure = PurePosixPath(key)
         if pure.is_absolute() or ".." in pure.parts or not pure.parts:
-            raise ValueError(f"invalid artifact key {key!r}")
+            raise InvalidKey(f"invalid artifact key {key!r}: absolute, empty or leaving the store")
         return self.root.joinpath(*pure.parts)
 
     def _commit(self, key: str, write) -> str:

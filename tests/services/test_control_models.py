@@ -101,7 +101,7 @@ def put_request(io: ArtifactIO, video: Video, sid: str, with_mask: bool = True,
     if with_mask:
         sample["mask"] = io.put_mask(f"{sid}/mask.npz", mask)
     return {"sample": sample, "control_video": f"{sid}/canny.mp4", "background_video": f"{sid}/background.mp4",
-            "first_frame": f"{sid}/edited_frame0.png", "prompt": PROMPT, "output": f"{sid}/edited.mp4"}
+            "first_frame": f"{sid}/edited_frame0.png", "prompt": PROMPT, "output": f"staging/{sid}/edited.mp4"}
 
 
 def test_synthesize_over_http(served):

@@ -68,7 +68,7 @@ def put_sample(io: ArtifactIO, name: str, frames: int) -> tuple[Video, dict]:
 def animate_body(sample: dict, num_frames: int, fps: float, **changes) -> dict:
     sid = sample["sample_id"]
     return {"sample": sample, "image": f"{sid}/plate.png", "prompt": PROMPT, "num_frames": num_frames,
-            "fps": fps, "output": f"{sid}/background.mp4", **changes}
+            "fps": fps, "output": f"staging/{sid}/background.mp4", **changes}
 
 
 # --- HTTP: /v1/animate on real clips ---------------------------------------------------------------------
@@ -84,7 +84,7 @@ def test_animate_over_http(served, name, frames):
     r = client.post("/v1/animate", json=animate_body(sample, t, clip.fps))
     assert r.status_code == 200, r.text
     resp = VideoResponse.model_validate(r.json())
-    assert (resp.video, resp.num_frames, resp.width, resp.height) == (f"{sample['sample_id']}/background.mp4", t, w, h)
+    assert (resp.video, resp.num_frames, resp.width, resp.height) == (f"staging/{sample['sample_id']}/background.mp4", t, w, h)
     assert {"queue", "run", "total"} <= set(resp.timings)
 
     video = io.load_video(resp.video)  # decodes the stored H.264 MP4
@@ -269,7 +269,7 @@ def test_bad_requests(served):
     io.put_image("static_01_juggle/odd.png", clip.frames[0][:100, :150])
     r = client.post("/v1/animate", json={**ok, "image": "static_01_juggle/odd.png"})
     assert r.status_code == 400 and "multiples of 16" in r.json()["detail"]
-    assert not io.store.exists("static_01_juggle/background.mp4")
+    assert not io.store.exists("staging/static_01_juggle/background.mp4")
 
 
 def test_animate_input_errors_are_value_errors(backend):

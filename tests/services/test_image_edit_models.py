@@ -102,12 +102,12 @@ def test_both_operations_over_http(tmp_path, backend, juggle):
         r = client.post("/v1/edit_background", json={
             "sample": sample_ref("s1/source.mp4"), "image": "s1/frame0.png",
             "instruction": "Replace the background with a snowy mountain village at dusk.",
-            "output": "s1/edited_frame0.png"})
+            "output": "staging/s1/edited_frame0.png"})
         assert r.status_code == 200, r.text
         body = ImageResponse.model_validate(r.json())
-        assert (body.image, body.width, body.height) == ("s1/edited_frame0.png", W, H)
+        assert (body.image, body.width, body.height) == ("staging/s1/edited_frame0.png", W, H)
         assert {"queue", "run", "total"} <= set(body.timings)
-        edited = io.load_image("s1/edited_frame0.png")
+        edited = io.load_image("staging/s1/edited_frame0.png")
         assert edited.shape == (H, W, 3) and edited.dtype == np.uint8
         assert not np.array_equal(edited, juggle.frames[0])
         # What went through HTTP is exactly the backend's edit with the documented prompt (PNG is lossless).
@@ -117,12 +117,12 @@ def test_both_operations_over_http(tmp_path, backend, juggle):
 
         objects = [{"label": "person", "bbox_2d": [300, 100, 700, 1000]}, {"label": "ball", "bbox_2d": []}]
         r = client.post("/v1/remove_foreground", json={
-            "sample": sample_ref("s1/source.mp4"), "image": "s1/edited_frame0.png", "objects": objects,
-            "output": "s1/clean_plate.png"})
+            "sample": sample_ref("s1/source.mp4"), "image": "staging/s1/edited_frame0.png", "objects": objects,
+            "output": "staging/s1/clean_plate.png"})
         assert r.status_code == 200, r.text
         body = ImageResponse.model_validate(r.json())
-        assert (body.image, body.width, body.height) == ("s1/clean_plate.png", W, H)
-        plate = io.load_image("s1/clean_plate.png")
+        assert (body.image, body.width, body.height) == ("staging/s1/clean_plate.png", W, H)
+        plate = io.load_image("staging/s1/clean_plate.png")
         assert plate.shape == (H, W, 3) and plate.dtype == np.uint8
         assert not np.array_equal(plate, edited)
         np.testing.assert_array_equal(plate, backend.edit(edited, real.REMOVAL_PROMPT.format(labels="person")))
@@ -220,7 +220,7 @@ def test_bad_requests(tmp_path, backend, juggle):
     store, io = stored(tmp_path, juggle)
     io.put_image("s1/sliver.png", np.zeros((64, 600, 3), np.uint8))
     app = build_app(API(backend, store), ServeSettings(load_in_background=False))
-    base = {"sample": sample_ref("s1/source.mp4"), "image": "s1/frame0.png", "output": "s1/out.png"}
+    base = {"sample": sample_ref("s1/source.mp4"), "image": "s1/frame0.png", "output": "staging/s1/out.png"}
     with TestClient(app) as client:
         r = client.post("/v1/edit_background", json={**base, "instruction": "snow", "strength": 0.5})
         assert r.status_code == 422

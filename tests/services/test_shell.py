@@ -33,10 +33,10 @@ def sample(tmp_path_factory):
     io = ArtifactIO(store)
     video = conform(read_video(PEDESTRIANS, max_frames=17), ConformConfig(max_frames=17, max_long_side=208,
                                                                            max_short_side=160))
-    io.put_video("s/source.mp4", video.frames, video.fps)
-    io.put_image("s/frame0.png", video.frames[0])
+    io.put_video("staging/Sparkle_location_000000/source.mp4", video.frames, video.fps)
+    io.put_image("staging/Sparkle_location_000000/frame0.png", video.frames[0])
     ref = {"sample_id": "Sparkle_location_000000", "prompt": "Replace the background with a night city",
-           "source_video": "s/source.mp4"}
+           "source_video": "staging/Sparkle_location_000000/source.mp4"}
     return store, io, ref, video
 
 
@@ -52,10 +52,10 @@ def test_six_services_answer_every_operation_on_cpu(sample):
     t, h, w = video.shape
     with client_for("grounding", store) as c:
         assert c.get("/readyz").json()["backend"] == "cpu-motion-grounder"
-        text = c.post("/v1/describe", json={"sample": ref, "image": "s/frame0.png"}).json()["text"]
+        text = c.post("/v1/describe", json={"sample": ref, "image": "staging/Sparkle_location_000000/frame0.png"}).json()["text"]
         assert "fixed-camera" in text
-        r1 = c.post("/v1/ground_round1", json={"sample": ref, "source_frame0": "s/frame0.png",
-                                                "edited_frame0": "s/frame0.png"}).json()
+        r1 = c.post("/v1/ground_round1", json={"sample": ref, "source_frame0": "staging/Sparkle_location_000000/frame0.png",
+                                                "edited_frame0": "staging/Sparkle_location_000000/frame0.png"}).json()
         assert r1["objects"] and all(0 <= v <= 1000 for o in r1["objects"] for v in o["bbox_2d"])
         labels = [o["label"] for o in r1["objects"]]
         r2 = c.post("/v1/ground_round2", json={"sample": ref, "frame_indices": [0, 5, 10, 15], "labels": labels}).json()
@@ -63,39 +63,39 @@ def test_six_services_answer_every_operation_on_cpu(sample):
         assert set(r2["timings"]) >= {"queue", "run", "total"}
         r = c.post("/v1/check_camera_motion", json={"sample": ref, "frame_indices": [0, 5, 10, 15]}).json()
         assert r["camera_motion"] is False and "no residual camera motion" in r["reason"]
-        r = c.post("/v1/write_instruction", json={"sample": ref, "image": "s/frame0.png", "edit_type": "location",
+        r = c.post("/v1/write_instruction", json={"sample": ref, "image": "staging/Sparkle_location_000000/frame0.png", "edit_type": "location",
                                                   "chosen_keyword": "urban: rooftop overlooking skyline"}).json()
         assert "rooftop overlooking skyline" in r["text"]
     with client_for("image_edit", store) as c:
-        r = c.post("/v1/edit_background", json={"sample": ref, "image": "s/frame0.png",
-                                                "instruction": ref["prompt"], "output": "s/edited0.png"}).json()
-        assert (r["width"], r["height"]) == (w, h) and read_image(store.path("s/edited0.png")).shape == (h, w, 3)
-        r = c.post("/v1/remove_foreground", json={"sample": ref, "image": "s/edited0.png", "objects": r1["objects"],
-                                                  "output": "s/plate.png"}).json()
-        assert r["image"] == "s/plate.png" and store.exists("s/plate.png")
+        r = c.post("/v1/edit_background", json={"sample": ref, "image": "staging/Sparkle_location_000000/frame0.png",
+                                                "instruction": ref["prompt"], "output": "staging/Sparkle_location_000000/edited0.png"}).json()
+        assert (r["width"], r["height"]) == (w, h) and read_image(store.path("staging/Sparkle_location_000000/edited0.png")).shape == (h, w, 3)
+        r = c.post("/v1/remove_foreground", json={"sample": ref, "image": "staging/Sparkle_location_000000/edited0.png", "objects": r1["objects"],
+                                                  "output": "staging/Sparkle_location_000000/plate.png"}).json()
+        assert r["image"] == "staging/Sparkle_location_000000/plate.png" and store.exists("staging/Sparkle_location_000000/plate.png")
     with client_for("i2v", store) as c:
-        r = c.post("/v1/animate", json={"sample": ref, "image": "s/plate.png", "prompt": ref["prompt"],
-                                        "num_frames": t, "fps": video.fps, "output": "s/bg.mp4"}).json()
+        r = c.post("/v1/animate", json={"sample": ref, "image": "staging/Sparkle_location_000000/plate.png", "prompt": ref["prompt"],
+                                        "num_frames": t, "fps": video.fps, "output": "staging/Sparkle_location_000000/bg.mp4"}).json()
         assert (r["num_frames"], r["height"], r["width"]) == (t, h, w)
-        assert read_video(store.path("s/bg.mp4")).shape == (t, h, w)
+        assert read_video(store.path("staging/Sparkle_location_000000/bg.mp4")).shape == (t, h, w)
     with client_for("tracking", store) as c:
         anchors = [{"frame_index": 0, "boxes": [{"label": "p", "box": [60, 40, 100, 120]}]},
                    {"frame_index": 8, "boxes": [{"label": "p", "box": [60, 40, 100, 120]}]}]
-        r = c.post("/v1/bait", json={"sample": ref, "anchors": anchors, "output": "s/mask.npz"}).json()
+        r = c.post("/v1/bait", json={"sample": ref, "anchors": anchors, "output": "staging/Sparkle_location_000000/mask.npz"}).json()
         assert r["shape"] == [t, h, w] and r["passes"] == 2
-        mask = unpack_mask(store.get_bytes("s/mask.npz"))
+        mask = unpack_mask(store.get_bytes("staging/Sparkle_location_000000/mask.npz"))
         assert mask.shape == (t, h, w) and r["foreground_fraction"] == pytest.approx(mask.mean(), abs=1e-5)
-    io.put_video("s/control.mp4", np.zeros((t, h, w, 3), np.uint8), video.fps)
+    io.put_video("staging/Sparkle_location_000000/control.mp4", np.zeros((t, h, w, 3), np.uint8), video.fps)
     with client_for("control", store) as c:
-        r = c.post("/v1/synthesize", json={"sample": {**ref, "mask": "s/mask.npz"}, "control_video": "s/control.mp4",
-                                           "background_video": "s/bg.mp4", "first_frame": "s/edited0.png",
-                                           "prompt": ref["prompt"], "output": "s/edited.mp4"}).json()
-        assert r["num_frames"] == t and read_video(store.path("s/edited.mp4")).shape == (t, h, w)
+        r = c.post("/v1/synthesize", json={"sample": {**ref, "mask": "staging/Sparkle_location_000000/mask.npz"}, "control_video": "staging/Sparkle_location_000000/control.mp4",
+                                           "background_video": "staging/Sparkle_location_000000/bg.mp4", "first_frame": "staging/Sparkle_location_000000/edited0.png",
+                                           "prompt": ref["prompt"], "output": "staging/Sparkle_location_000000/edited.mp4"}).json()
+        assert r["num_frames"] == t and read_video(store.path("staging/Sparkle_location_000000/edited.mp4")).shape == (t, h, w)
     with client_for("editscore", store) as c:
-        r = c.post("/v1/score_image", json={"sample": ref, "source": "s/frame0.png", "edited": "s/edited0.png",
+        r = c.post("/v1/score_image", json={"sample": ref, "source": "staging/Sparkle_location_000000/frame0.png", "edited": "staging/Sparkle_location_000000/edited0.png",
                                             "instruction": ref["prompt"], "task": "edit_background"}).json()
         assert r["scorer"] == "cpu-proxy-v1" and 0 <= r["score"]["overall"] <= 10
-        r = c.post("/v1/score_frames", json={"sample": {**ref, "mask": "s/mask.npz"}, "edited_video": "s/edited.mp4",
+        r = c.post("/v1/score_frames", json={"sample": {**ref, "mask": "staging/Sparkle_location_000000/mask.npz"}, "edited_video": "staging/Sparkle_location_000000/edited.mp4",
                                              "frame_indices": [1, 6, 11, 16], "instruction": ref["prompt"]}).json()
         assert len(r["scores"]) == 4 and all(0 <= s["O_score"] <= 10 for s in r["scores"])
 
@@ -103,13 +103,13 @@ def test_six_services_answer_every_operation_on_cpu(sample):
 def test_bad_requests_get_4xx_with_a_reason(sample):
     store, io, ref, video = sample
     with client_for("grounding", store, ServeSettings(load_in_background=False, max_body_bytes=4096)) as c:
-        r = c.post("/v1/describe", json={"sample": ref, "image": "s/frame0.png", "colour": "red"})
+        r = c.post("/v1/describe", json={"sample": ref, "image": "staging/Sparkle_location_000000/frame0.png", "colour": "red"})
         assert r.status_code == 422 and "colour" in r.text
-        r = c.post("/v1/describe", json={"sample": ref, "image": "s/nope.png"})
-        assert r.status_code == 404 and "s/nope.png" in r.json()["detail"]
+        r = c.post("/v1/describe", json={"sample": ref, "image": "staging/Sparkle_location_000000/nope.png"})
+        assert r.status_code == 404 and "staging/Sparkle_location_000000/nope.png" in r.json()["detail"]
         r = c.post("/v1/ground_round2", json={"sample": ref, "frame_indices": [0, 99], "labels": ["a"]})
         assert r.status_code == 400 and "frame_indices" in r.json()["detail"]
-        r = c.post("/v1/describe", json={"sample": {**ref, "prompt": "x" * 3990}, "image": "s/frame0.png"})
+        r = c.post("/v1/describe", json={"sample": {**ref, "prompt": "x" * 3990}, "image": "staging/Sparkle_location_000000/frame0.png"})
         assert r.status_code == 413
         r = c.post("/v1/describe", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"})
         assert r.status_code == 413
@@ -286,3 +286,26 @@ def test_an_operation_may_not_shadow_the_base_class():
 
     with pytest.raises(TypeError, match="shadow"):
         Broken.operations()
+
+
+def test_model_servers_write_only_in_the_calling_samples_staging_area(sample):
+    """One unauthenticated request could overwrite ``prompts/location_train.csv`` or a published video: an
+    ``output`` outside ``staging/{sample_id}/`` (or climbing out of it with ``..``) is a 422 and nothing is
+    written; a traversal key to read (``../x``) is a 400, not a 500; a sample id that is not one path segment
+    is a 422."""
+    store, io, ref, video = sample
+    before = sorted(store.list_keys(""))
+    image = "staging/Sparkle_location_000000/frame0.png"
+    with client_for("image_edit", store) as c:
+        for output in ("prompts/location_train.csv", "location/edited_video/Sparkle_location_000000.mp4",
+                       "staging/Sparkle_location_000001/x.png", "staging/Sparkle_location_000000/../../evil.png"):
+            r = c.post("/v1/edit_background", json={"sample": ref, "image": image, "instruction": "x",
+                                                    "output": output})
+            assert r.status_code == 422 and "staging area" in r.text, (output, r.status_code, r.text[:200])
+        r = c.post("/v1/edit_background", json={"sample": ref, "image": "../../etc/passwd", "instruction": "x",
+                                                "output": "staging/Sparkle_location_000000/ok.png"})
+        assert r.status_code == 400 and "invalid artifact key" in r.json()["detail"], r.text[:200]
+        r = c.post("/v1/edit_background", json={"sample": {**ref, "sample_id": "../prompts"}, "image": image,
+                                                "instruction": "x", "output": "staging/../prompts/a.png"})
+        assert r.status_code == 422
+    assert sorted(store.list_keys("")) == before

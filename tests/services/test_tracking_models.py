@@ -152,7 +152,7 @@ def bait_request(anchors: list[int], **extra) -> dict:
         "sample": {"sample_id": "juggle", "prompt": "snowy village", "source_video": "juggle/source.mp4"},
         "anchors": [{"frame_index": i, "boxes": [{"label": label, "box": list(box)} for label, box in BOXES[i]]}
                     for i in anchors],
-        "output": "juggle/mask.npz",
+        "output": "staging/juggle/mask.npz",
         **extra,
     }
 
@@ -169,7 +169,7 @@ def test_bait_over_http(tmp_path, clip, backend):
         r = client.post("/v1/bait", json=bait_request([0, 8, 16]))
         assert r.status_code == 200, r.text
         body = MaskResponse.model_validate(r.json())
-        assert body.mask == "juggle/mask.npz"
+        assert body.mask == "staging/juggle/mask.npz"
         assert body.shape == (T, H, W) and body.passes == 3
         assert {"queue", "run", "total"} <= set(body.timings)
 
