@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sparkle.backends import SERVICES, load_backends  # noqa: E402
-from sparkle.capacity import GATES, plan  # noqa: E402
+from sparkle.capacity import GATES, _pairs, plan  # noqa: E402
 from sparkle.config import PipelineConfig  # noqa: E402
 from sparkle.orchestrator import jobs, journey  # noqa: E402
 from sparkle.orchestrator.celery_app import make_app  # noqa: E402
@@ -116,15 +116,12 @@ def main(part: str = typer.Option("all", "--part", help="all, overhead, bulk or 
 
 
 def _overheads(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in SERVICES:
-            raise typer.BadParameter(f"--balanced-overhead: unknown service {name!r} (one of {list(SERVICES)})")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise typer.BadParameter(f"--balanced-overhead expects SERVICE=SECONDS, got {item!r}") from None
+    """``--balanced-overhead SERVICE=seconds`` items (``sparkle capacity --overhead``'s parser, service names
+    checked)."""
+    out = _pairs(items, "--balanced-overhead")
+    unknown = set(out) - set(SERVICES)
+    if unknown:
+        raise typer.BadParameter(f"--balanced-overhead: unknown service(s) {sorted(unknown)} (one of {list(SERVICES)})")
     return out
 
 

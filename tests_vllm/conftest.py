@@ -23,6 +23,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "shared"))
 
+from sparkle.orchestrator.cluster import free_port  # noqa: E402
+
 STARTUP_TIMEOUT_S = float(os.environ.get("SPARKLE_VLLM_STARTUP_S", "900"))
 """Seconds a server may take to answer ``/v1/models`` (measured here: 90-150 s on 2 cores)."""
 
@@ -34,14 +36,6 @@ def vllm_python() -> Path:
     if not path.is_file():
         pytest.fail(f"no vLLM environment at {path}: run `make test-vllm` (it builds .venv-vllm first)", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VLLMServer:

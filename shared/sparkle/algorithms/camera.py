@@ -212,25 +212,32 @@ def _pair_metrics(a: np.ndarray, b: np.ndarray, cfg: CameraFilterConfig,
         ok = status.ravel() == 1
         p0, p1 = pts[ok].reshape(-1, 2), nxt[ok].reshape(-1, 2)
         if len(p0) >= cfg.min_tracked_points:
-            mx, my = cfg.border_fraction * w, cfg.border_fraction * h
-            band = (p0[:, 0] < mx) | (p0[:, 0] > w - 1 - mx) | (p0[:, 1] < my) | (p0[:, 1] > h - 1 - my)
+            band = _in_band(p0, w, h, cfg)
             fit = band if band.sum() >= cfg.min_border_points else np.ones(len(p0), bool)
             H, inliers = cv2.findHomography(p0[fit], p1[fit], cv2.RANSAC, cfg.ransac_reproj_px)
             if H is not None:
-                still = _still_background(p0, p1, fit, H, w, h, cfg)
+                flow = np.linalg.norm(p1 - p0, axis=1)
+                still = _still_background(p0, p1, flow, fit, H, w, h, cfg)
                 if still is not None:
                     H, inliers, fit = still
-                flow = np.linalg.norm(p1 - p0, axis=1)
                 return PairMetrics(_corner_motion(H, w, h), float(np.median(flow[fit])),
                                    float(inliers.mean()), "features")
     return _fallback_metrics(a, b, cfg)
 
 
-def _still_background(p0: np.ndarray, p1: np.ndarray, fit: np.ndarray, H: np.ndarray, w: int, h: int,
-                      cfg: CameraFilterConfig):
+def _in_band(p: np.ndarray, w: int, h: int, cfg: CameraFilterConfig) -> np.ndarray:
+    """``(N,) bool``: which points ``(N, 2)`` lie in the frame's outer band (``cfg.border_fraction`` of each
+    side), the part of a frame that mostly shows the background."""
+    mx, my = cfg.border_fraction * w, cfg.border_fraction * h
+    return (p[:, 0] < mx) | (p[:, 0] > w - 1 - mx) | (p[:, 1] < my) | (p[:, 1] > h - 1 - my)
+
+
+def _still_background(p0: np.ndarray, p1: np.ndarray, flow: np.ndarray, fit: np.ndarray, H: np.ndarray, w: int,
+                      h: int, cfg: CameraFilterConfig):
     """The still background behind a moving foreground that took RANSAC's consensus, if there is one.
 
-    ``p0``/``p1``: every tracked point of the pair; ``fit``: the points ``H`` was fitted on (the band's).
+    ``p0``/``p1``: every tracked point of the pair, ``flow`` their displacements; ``fit``: the points ``H`` was
+    fitted on (the band's).
     A subject filling the frame (someone talking to the camera, a car passing close) can hold more of the
     band's points than the background does, and RANSAC then fits the subject's motion (and the band's median
     flow is the subject's). If either moves (corner motion over ``cfg.max_corner_motion_px``, median flow over
@@ -245,7 +252,6 @@ def _still_background(p0: np.ndarray, p1: np.ndarray, fit: np.ndarray, H: np.nda
     to keep the first fit. (A synthetic subject over 85 % of the width and of the height, moving ~6 px per
     pair, was measured as camera motion of 8-20 px per pair before; the still background now decides.)
     """
-    flow = np.linalg.norm(p1 - p0, axis=1)
     if _corner_motion(H, w, h) <= cfg.max_corner_motion_px and np.median(flow[fit]) <= cfg.max_border_flow_px:
         return None
     still = np.flatnonzero(flow < cfg.ransac_reproj_px)
@@ -339,8 +345,7 @@ def drift_against(grey: list[np.ndarray] | np.ndarray, cfg: CameraFilterConfig,
             ok = (status.ravel() == 1) & (status_back.ravel() == 1) & (fb < FB_MAX_PX)
             p0, p1 = pts[ok].reshape(-1, 2), nxt[ok].reshape(-1, 2)
             if len(p0) >= cfg.min_tracked_points:
-                mx, my = cfg.border_fraction * w, cfg.border_fraction * h
-                band = (p0[:, 0] < mx) | (p0[:, 0] > w - 1 - mx) | (p0[:, 1] < my) | (p0[:, 1] > h - 1 - my)
+                band = _in_band(p0, w, h, cfg)
                 for fit in ((band, np.ones(len(p0), bool)) if band.sum() >= cfg.min_border_points
                             else (np.ones(len(p0), bool),)):
                     m, inliers = cv2.estimateAffinePartial2D(p0[fit], p1[fit], method=cv2.RANSAC,
