@@ -13,10 +13,12 @@ request (artifact keys and parameters, never pixels) becomes a ``sparkle.op`` me
 - Waiting: polling the result backend for the deterministic task id ``{id}.{service}.{op}.{digest}``.
 
 Errors. Transient failures of a call (HTTP 429, 502, 503, 504 and connection errors; other 5xx at most twice)
-are retried by the service worker with exponential back-off and full jitter, honouring ``Retry-After``
-(``op_max_retries``); what reaches the stage is the answer, :class:`~sparkle.errors.ServiceRejected` (4xx or a
-refused request: terminal) or :class:`~sparkle.errors.ServiceUnavailable` (retries exhausted, or no answer
-within ``op_wait_s``).
+are retried by the service worker with exponential back-off and full jitter, honouring ``Retry-After``, until
+``op_wait_s`` after the call was first sent (an outage is waited out by time, not by a count: a model server
+may take half an hour to start); what reaches the stage is the answer, :class:`~sparkle.errors.ServiceRejected`
+(4xx or a refused request: terminal) or :class:`~sparkle.errors.ServiceUnavailable` (the time is up).
+- Liveness: a call is marked queued when sent and holds a lease while it runs (``liveness.py``); the waiting
+  stage sends it again if its worker died with it, whatever the visibility timeout.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sparkle.queues import SERVICE_QUEUES
 from sparkle.service import OpRequest
 from sparkle.store import staging_prefix
 
+from . import liveness
 from .celery_app import SparkleTask, TransientError, app, is_transient, resources
 
 log = logging.getLogger("sparkle.calls")
@@ -142,29 +145,55 @@ def configure_worker(services: list[str], service_url: str | None = None, backen
 
 
 @app.task(name="sparkle.op", bind=True, base=SparkleTask, max_retries=None)
-def service_op(self: SparkleTask, service: str, op: str, request: dict, cache_key: str) -> dict:
-    """One service call (see the module docstring). Returns the service's JSON answer plus ``worker``
-    (host, pid, start and end as Unix times in seconds: what the benchmarks measure busy time with)."""
-    if self.store.exists(cache_key):
-        return self.store.get_json(cache_key)
+def service_op(self: SparkleTask, service: str, op: str, request: dict, cache_key: str,
+               deadline: float | None = None) -> dict:
+    """One service call (see the module docstring), under the call's lease (``liveness.op_lease``). Returns the
+    service's JSON answer plus ``worker`` (host, pid, start and end as Unix times in seconds: what the
+    benchmarks measure busy time with). Transient failures are retried until ``deadline`` (Unix time, s: the
+    caller's ``op_wait_s`` after it first sent the call), however many retries that takes."""
+    from sparkle.store_s3 import RedisLock
+
+    s = self.settings
+    what = f"op:{self.request.id}"
+    client = liveness.redis_of(self.app)
+    # A duplicate of a running call waits for it, then finds its answer cached.
+    lease = RedisLock(self.resources.redis, liveness.op_lease(self.request.id), s.op_lease_s, wait_s=s.op_timeout_s)
+    if not lease.acquire():
+        raise TransientError(f"{service}.{op}: a duplicate of this call ran for over {s.op_timeout_s:g} s")
+    try:
+        liveness.taken(client, what)
+        return _call(self, service, op, request, cache_key, deadline)
+    finally:
+        try:
+            lease.release(quiet=True)
+        except Exception:  # noqa: BLE001 - Redis away: the lease expires by itself
+            pass
+
+
+def _call(task: SparkleTask, service: str, op: str, request: dict, cache_key: str, deadline: float | None) -> dict:
+    if task.store.exists(cache_key):
+        return task.store.get_json(cache_key)
     if _worker.executor is None or service not in _worker.services:
         raise ConfigError(f"this worker does not serve {service!r} (it serves {list(_worker.services)})")
+    s = task.settings
     started = time.time()
     try:
         answer = _worker.executor(service, op, request)
     except Exception as exc:  # noqa: BLE001 - classified below
         if not is_transient(exc):
             raise
-        limit = self.settings.op_max_retries
-        if isinstance(exc, TransientError) and exc.max_retries is not None:
-            limit = min(limit, exc.max_retries)
-        if self.request.retries >= limit:
-            raise ServiceUnavailable(f"{exc} (gave up after {self.request.retries} retries)") from None
-        delay = self.backoff_s(getattr(exc, "retry_after", None))
-        log.warning("%s.%s: %s; retry %d in %.1f s", service, op, exc, self.request.retries + 1, delay)
-        raise self.retry(countdown=delay)
+        limit = getattr(exc, "max_retries", None)
+        deadline = deadline or started + s.op_wait_s
+        delay = task.backoff_s(getattr(exc, "retry_after", None))
+        if (limit is not None and task.request.retries >= limit) or time.time() + delay > deadline:
+            raise ServiceUnavailable(f"{exc} (gave up after {task.request.retries} retries, "
+                                     f"{s.op_wait_s:g} s after the call was sent)") from None
+        log.warning("%s.%s: %s; retry %d in %.1f s", service, op, exc, task.request.retries + 1, delay)
+        liveness.mark_queued(liveness.redis_of(task.app), f"op:{task.request.id}",
+                             delay + s.op_lease_s + 2 * s.op_check_s)
+        raise task.retry(countdown=delay, kwargs={"deadline": deadline}) from None
     answer["worker"] = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "ended": time.time()}
-    self.store.put_json(cache_key, answer)
+    task.store.put_json(cache_key, answer)
     return answer
 
 
@@ -194,24 +223,43 @@ class QueueTransport:
         backend = self.app.backend
         if backend.get_task_meta(task_id)["status"] == "FAILURE":  # an earlier journey attempt's failure
             backend.forget(task_id)
-        self.app.send_task(service_op.name, args=[service, op, request.model_dump(mode="json"), cache_key],
-                           queue=SERVICE_QUEUES[service], task_id=task_id)
-        return _validated(response, self._wait(service, op, task_id))
+        deadline = time.time() + self.wait_s
+        send = lambda: self._send(service, op, request, cache_key, task_id, deadline)  # noqa: E731
+        send()
+        return _validated(response, self._wait(service, op, task_id, send))
 
-    def _wait(self, service: str, op: str, task_id: str) -> dict:
+    def _send(self, service: str, op: str, request: OpRequest, cache_key: str, task_id: str, deadline: float) -> None:
+        liveness.mark_queued(liveness.redis_of(self.app), f"op:{task_id}", resources().settings.queued_max_s)
+        self.app.send_task(service_op.name, args=[service, op, request.model_dump(mode="json"), cache_key],
+                           kwargs={"deadline": deadline}, queue=SERVICE_QUEUES[service], task_id=task_id)
+
+    def _wait(self, service: str, op: str, task_id: str, resend) -> dict:
         """Poll the result backend (plain GETs: safe from the many threads of an orchestrator worker, unlike
         Celery's shared pub/sub result consumer) every 5 ms at first, backing off by 1.3x to 0.25 s: a quick
-        call is seen within a few ms, a long one costs at most 4 Redis GETs a second."""
+        call is seen within a few ms, a long one costs at most 4 Redis GETs a second. Every ``op_check_s``
+        seconds the call must be queued or running (``liveness.op_alive``); after two checks that find it
+        neither, its worker died with it, and it is sent again."""
         backend, delay = self.app.backend, 0.005
+        settings = resources().settings
         deadline = time.monotonic() + self.wait_s
+        next_check, misses = time.monotonic() + settings.op_check_s, 0
         while True:
             meta = backend.get_task_meta(task_id)
             if meta["status"] == "SUCCESS":
                 return meta["result"]
             if meta["status"] == "FAILURE":
                 raise backend.exception_to_python(meta["result"])
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise ServiceUnavailable(f"{service}.{op}: no answer within {self.wait_s:g} s")
+            if now >= next_check:
+                next_check = now + settings.op_check_s
+                misses = 0 if liveness.op_alive(liveness.redis_of(self.app), task_id) else misses + 1
+                if misses >= 2:
+                    log.warning("%s: the call was neither queued nor running for %.0f s: sent again", task_id,
+                                settings.op_check_s)
+                    resend()
+                    misses = 0
             time.sleep(delay)
             delay = min(delay * 1.3, 0.25)
 

@@ -12,6 +12,13 @@ Reliability settings, each for a measured reason (Celery 5.7 / kombu 5.7, kombu/
   ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds (10 x 10 = 100 s by default; here
   ``SPARKLE_UNACKED_RESTORE_INTERVAL_S`` x 1).
 - JSON only: task messages carry artifact keys and parameters, never pixels.
+- Redis restarts: the broker transport is kombu's Redis transport with one change (:class:`Transport`): giving
+  unacknowledged messages back when a lost connection is closed no longer kills the worker (kombu 5.7 raises
+  ``AttributeError: 'NoneType' object has no attribute 'hostname'`` there once the pool is gone, and Celery
+  treats it as unrecoverable: 2 of 2 busy workers exited on a Redis restart). Those messages stay in Redis's
+  ``unacked`` hash, and the liveness watchers (``liveness.py``) re-send what they carried within seconds.
+  ``worker_cancel_long_running_tasks_on_connection_loss`` is off: a stage or a GPU call in progress finishes
+  (its result is saved; the unacknowledgeable message's later re-delivery finds the work done).
 
 The tasks themselves live with what they do: ``sparkle.stage`` with the journey's state machine
 (``journey.py``), ``sparkle.op`` with the service calls (``calls.py``), ``sparkle.dataset_tick`` with the bulk
@@ -23,11 +30,16 @@ from __future__ import annotations
 import random
 import threading
 
+import logging
+
 from celery import Celery, Task
+from kombu.transport import redis as kombu_redis
 
 from sparkle.errors import ConfigError, InputError, ServiceRejected, ServiceUnavailable
 from sparkle.queues import CPU_QUEUE
 from sparkle.settings import DistributedSettings
+
+log = logging.getLogger("sparkle.celery")
 
 TASK_MODULES = ["sparkle.orchestrator.journey", "sparkle.orchestrator.calls", "sparkle.orchestrator.datasets"]
 
@@ -37,6 +49,7 @@ def make_app(settings: DistributedSettings | None = None) -> Celery:
     settings = settings or DistributedSettings()
     app = Celery("sparkle", broker=settings.broker_url, backend=settings.broker_url, include=TASK_MODULES)
     app.conf.update(
+        broker_transport=f"{__name__}:Transport" if settings.broker_url.startswith("redis") else None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -51,9 +64,56 @@ def make_app(settings: DistributedSettings | None = None) -> Celery:
             "unacked_restore_throttle": 1,
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+class _QoS(kombu_redis.QoS):
+    def restore_unacked(self, client=None):
+        """Give back the unacknowledged messages (kombu's), or, when the connection is already gone (a Redis
+        restart), leave them in Redis's ``unacked`` hash instead of raising: see the module docstring."""
+        try:
+            return super().restore_unacked(client)
+        except Exception as exc:  # noqa: BLE001 - kombu's AttributeError, or the connection errors
+            log.warning("could not give back %d unacknowledged message(s) (%s: %s); they stay in Redis and are "
+                        "re-sent by the liveness watchers", len(self._delivered), exc.__class__.__name__, exc)
+            self._delivered.clear()
+            return None
+
+
+    def ack(self, delivery_tag):
+        """kombu's, except on a channel closed by a lost connection (see :meth:`_closed`)."""
+        try:
+            super().ack(delivery_tag)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the channel is closed
+            self._closed(exc, delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        """kombu's, except on a channel closed by a lost connection (see :meth:`_closed`)."""
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the channel is closed
+            self._closed(exc, delivery_tag)
+
+    def _closed(self, exc: Exception, delivery_tag) -> None:
+        """A task that finished after its channel was closed (Redis restarted meanwhile) cannot settle its
+        message: kombu 5.7 raises AttributeError from the dead channel, which kills the worker. The message
+        stays in ``unacked``; its later re-delivery finds the work done. Other errors propagate."""
+        if not (self.channel.closed or self.channel.connection is None):
+            raise exc
+        log.warning("message %s of a closed channel left unacknowledged (%s)", delivery_tag, exc.__class__.__name__)
+        self._delivered.pop(delivery_tag, None)
+
+
+class _Channel(kombu_redis.Channel):
+    QoS = _QoS
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport whose channels survive closing while Redis is away (see the module docstring)."""
+
+    Channel = _Channel
 
 
 app = make_app()

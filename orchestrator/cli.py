@@ -288,7 +288,7 @@ def worker_command(
 ) -> None:
     """Consume queues of the distributed run (Celery's own worker, in this process: SIGTERM is a warm
     shutdown that finishes the running tasks)."""
-    from sparkle.queues import ALL_QUEUES, SERVICE_QUEUES
+    from sparkle.queues import ALL_QUEUES, CPU_QUEUE, SERVICE_QUEUES
 
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(names) - set(ALL_QUEUES))
@@ -309,6 +309,14 @@ def worker_command(
             s.ensure_bucket()
     except SparkleError as exc:
         _fail(str(exc))
+    from celery.signals import worker_ready
+
+    from .liveness import start_reaper, watch_receipts
+
+    watch_receipts(celery_app)  # its heartbeat, and its name in the marks of the messages it receives
+    if CPU_QUEUE in names:  # an orchestrator worker: it also watches for stalled journeys (liveness.py)
+        worker_ready.connect(lambda **_: start_reaper(celery_app, resources().store, resources().settings),
+                             weak=False)
     argv = ["worker", "--queues", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
     if hostname:

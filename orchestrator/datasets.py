@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from sparkle.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from sparkle.queues import CPU_QUEUE
 from sparkle.store import ArtifactStore, jsonl_lines, staging_prefix
 
-from . import jobs, journey
+from . import jobs, journey, liveness
 from .celery_app import SparkleTask, app, transient_types
 from .local import MAX_PROMPT_CHARS, allocate_ids
 from .pipeline import summary
@@ -433,20 +434,66 @@ def dataset_samples(store: ArtifactStore, did: str) -> list[str]:
     return ids
 
 
+CHAIN_TTL_S = 60.0
+"""How long a dataset's tick chain holds its token without ticking; then another driver may start a chain."""
+ACTIVE = "sparkle:datasets"
+"""Redis set of the datasets driven by the orchestrator workers (until done): the reaper revives their chains."""
+
+
+def chain_key(did: str) -> str:
+    """Redis key of the token of the one tick chain driving dataset ``did``."""
+    return f"sparkle:dataset-chain:{did}"
+
+
 @app.task(name="sparkle.dataset_tick", bind=True, base=SparkleTask, ignore_result=True,
           autoretry_for=transient_types(), max_retries=None, retry_backoff=2, retry_backoff_max=120, retry_jitter=True)
-def dataset_tick_task(self: SparkleTask, dataset_id: str, resume: bool = False, every_s: float = 2.0) -> dict:
+def dataset_tick_task(self: SparkleTask, dataset_id: str, resume: bool = False, every_s: float = 2.0,
+                      token: str | None = None) -> dict:
     """Drive a bulk run: one :func:`dataset_tick`, then again in ``every_s`` seconds until the dataset is done.
-    Several concurrent drivers are harmless (the tick takes the dataset's lock). Broker and store outages are
-    retried without end, with exponential back-off (2 s doubling to 120 s) and full jitter."""
+
+    One chain per dataset: a tick whose ``token`` is no longer the dataset's (:func:`chain_key`) stops (another
+    chain took over after this one went quiet for ``CHAIN_TTL_S``). Broker and store outages are retried
+    without end, with exponential back-off (2 s doubling to 120 s) and full jitter."""
+    client = liveness.redis_of(self.app)
+    key = chain_key(dataset_id)
+    if token is not None and (client.get(key) or b"").decode() != token:
+        return {"id": dataset_id, "skipped": "another tick chain drives this dataset"}
     state = dataset_tick(self.app, self.store, dataset_id, resume=resume)
-    if not state["done"]:
-        self.apply_async(args=[dataset_id], kwargs={"every_s": every_s}, countdown=every_s, queue=CPU_QUEUE,
-                         ignore_result=True)
+    if state["done"]:
+        if token is not None and (client.get(key) or b"").decode() == token:
+            client.delete(key)
+        client.srem(ACTIVE, dataset_id)
+    elif token is not None:
+        client.set(key, token, px=int(CHAIN_TTL_S * 1000))
+        self.apply_async(args=[dataset_id], kwargs={"every_s": every_s, "token": token}, countdown=every_s,
+                         queue=CPU_QUEUE, ignore_result=True)
     return {"id": dataset_id, "done": state["done"], "cursor": state["cursor"]}
 
 
-def drive(celery_app, dataset_id: str, resume: bool = True) -> None:
-    """Hand dataset ``dataset_id`` to the orchestrator workers (a ``sparkle.dataset_tick`` message)."""
-    celery_app.send_task(dataset_tick_task.name, args=[dataset_id], kwargs={"resume": True} if resume else {},
-                         queue=CPU_QUEUE, ignore_result=True)
+def drive(celery_app, dataset_id: str, resume: bool = True) -> bool:
+    """Hand dataset ``dataset_id`` to the orchestrator workers: start its tick chain (a ``sparkle.dataset_tick``
+    message) unless one is alive (``SET NX`` on :func:`chain_key`); True if this call started one. So a
+    dataset POSTed twenty times, or polled by fifty GETs, has one chain."""
+    client = liveness.redis_of(celery_app)
+    client.sadd(ACTIVE, dataset_id)
+    token = uuid.uuid4().hex
+    if not client.set(chain_key(dataset_id), token, nx=True, px=int(CHAIN_TTL_S * 1000)):
+        return False
+    try:
+        celery_app.send_task(dataset_tick_task.name, args=[dataset_id],
+                             kwargs={"resume": resume, "token": token}, queue=CPU_QUEUE, ignore_result=True)
+    except Exception:
+        client.delete(chain_key(dataset_id))
+        raise
+    return True
+
+
+def revive_chains(celery_app) -> list[str]:
+    """The reaper's part for bulk runs: restart the tick chain of every driven dataset whose chain went quiet
+    (its message lost with a worker, or to a Redis restart); returns their ids."""
+    client = liveness.redis_of(celery_app)
+    revived = []
+    for did in sorted(m.decode() for m in client.smembers(ACTIVE)):
+        if not client.exists(chain_key(did)) and drive(celery_app, did, resume=True):
+            revived.append(did)
+    return revived

@@ -30,9 +30,9 @@ from sparkle.media import VIDEO_SUFFIXES
 from sparkle.queues import CPU_QUEUE
 from sparkle.store import ArtifactStore, staging_prefix
 
-from . import jobs
+from . import jobs, liveness
 from .calls import QueueTransport
-from .celery_app import SparkleTask, app, is_transient
+from .celery_app import SparkleTask, app, is_transient, resources
 from .clients import Services
 from .local import allocate_ids, validate_inputs
 from .pipeline import STAGES, SampleTask, StageEnv, drop_staging, fail, finish, next_stage
@@ -43,7 +43,11 @@ FIRST_STAGE = "ingest"
 
 
 def _send(celery_app, sample_id: str, stage: str) -> None:
-    """Send the message of ``stage`` of ``sample_id`` to the orchestrator's queue."""
+    """Send the message of ``stage`` of ``sample_id`` to the orchestrator's queue, marked queued and the journey
+    seen alive (``liveness.py``: what lets the reaper tell a queued message from a lost one)."""
+    client = liveness.redis_of(celery_app)
+    liveness.mark_queued(client, f"stage:{sample_id}", resources().settings.queued_max_s)
+    liveness.journey_seen(client, sample_id)
     celery_app.send_task(stage_task.name, args=[sample_id, stage], queue=CPU_QUEUE, ignore_result=True)
 
 
@@ -118,11 +122,12 @@ def stage_env(io: ArtifactIO, config: dict, wait_s: float, celery_app=None) -> S
     return StageEnv(io.store, services, PipelineConfig.model_validate(config), io)
 
 
-def _end(cp: jobs.Checkpoint, env: StageEnv, stage: str) -> dict:
+def _end(celery_app, cp: jobs.Checkpoint, env: StageEnv, stage: str) -> dict:
     """The journey is over: job document in its final state, staging area removed. (A crash between the two
     leaves the staging area behind; the dataset tick that collects the sample removes it.)"""
     doc = jobs.write_job(env.store, cp, cp.task.status, stage)
     drop_staging(cp.task, env)
+    liveness.journey_over(liveness.redis_of(celery_app), cp.task.id)
     return {"id": cp.task.id, "state": doc["state"]}
 
 
@@ -143,10 +148,10 @@ def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: floa
     env = stage_env(io, cp.config, wait_s, celery_app)
     if jobs.cancel_requested(store, sample_id):
         fail(cp.task, env, stage, "cancelled by the user", status="cancelled", funnel=False)
-        return _end(cp, env, stage)
+        return _end(celery_app, cp, env, stage)
     if stage == "finish":
         finish(cp.task, env, funnel=False)
-        return _end(cp, env, stage)
+        return _end(celery_app, cp, env, stage)
     jobs.write_job(store, cp, "running", stage)
     task = cp.task.model_copy(deep=True)
     if not task.backends:
@@ -159,12 +164,12 @@ def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: floa
         log.warning("%s: %s failed: %s: %s", sample_id, stage, exc.__class__.__name__, exc)
         cp.task = task
         fail(task, env, stage, f"{exc.__class__.__name__}: {exc}", funnel=False)
-        return _end(cp, env, stage)
+        return _end(celery_app, cp, env, stage)
     cp.task, cp.next, cp.sent = task, next_stage(task, stage) or "finish", False
     jobs.save_checkpoint(store, cp)
     if cp.next == "finish":
         finish(cp.task, env, funnel=False)
-        return _end(cp, env, stage)
+        return _end(celery_app, cp, env, stage)
     jobs.write_job(store, cp, "running", cp.next)
     _send(celery_app, sample_id, cp.next)
     cp.sent = True
@@ -172,44 +177,56 @@ def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: floa
     return {"id": sample_id, "done": stage, "next": cp.next}
 
 
-def fail_journey(io: ArtifactIO, sample_id: str, stage: str, reason: str, wait_s: float) -> dict:
+def fail_journey(celery_app, io: ArtifactIO, sample_id: str, stage: str, reason: str, wait_s: float) -> dict:
     """End the journey of ``sample_id`` as ``failed`` at ``stage`` (its retries are exhausted)."""
     cp = jobs.load_checkpoint(io.store, sample_id)
     if cp is None:
         return {"id": sample_id, "skipped": "the journey is over"}
     try:
-        env = stage_env(io, cp.config, wait_s)
+        env = stage_env(io, cp.config, wait_s, celery_app)
     except ValueError:  # a checkpoint this version cannot read (its config): the failure is still recorded
-        env = stage_env(io, {}, wait_s)
+        env = stage_env(io, {}, wait_s, celery_app)
     fail(cp.task, env, stage, reason, funnel=False)
-    return _end(cp, env, stage)
+    return _end(celery_app, cp, env, stage)
 
 
 @app.task(name="sparkle.stage", bind=True, base=SparkleTask, max_retries=None, ignore_result=True)
 def stage_task(self: SparkleTask, sample_id: str, stage: str) -> dict:
     """One stage of one journey under the sample's lease (``sparkle:sample:{id}`` in Redis, ``sample_lease_s``,
-    renewed while held). A second delivery waits for the lease at most one lease period, then leaves the
-    sample to its live holder. Transient errors retry the message (``stage_max_retries``, back-off with
-    jitter); past that the sample fails."""
+    renewed while held). A delivery that finds the lease taken (a duplicate, or the lease of a worker that
+    just died) leaves the sample at once: a live holder moves the journey on, and the reaper re-sends the
+    stage of a dead one (``liveness.py``). Transient errors retry the message (``stage_max_retries``, back-off
+    with jitter); past that the sample fails. A lease lost while the stage ran (Redis away longer than the
+    lease) is not an error: the stage's result is saved, and a duplicate run of it is harmless."""
     from sparkle.store_s3 import RedisLock
 
     s = self.settings
-    lease = RedisLock(self.resources.redis, f"sparkle:sample:{sample_id}", s.sample_lease_s,
-                      wait_s=s.sample_lease_s + 5)
+    client = liveness.redis_of(self.app)
+    lease = RedisLock(self.resources.redis, liveness.sample_lease(sample_id), s.sample_lease_s, wait_s=1.0)
     try:
-        if not lease.acquire():
+        took = lease.acquire()
+        liveness.taken(client, f"stage:{sample_id}")
+        if not took:
             return {"id": sample_id, "skipped": "another worker holds the sample"}
+        liveness.journey_seen(client, sample_id)
         try:
             result = advance(self.app, self.resources.io, sample_id, stage, s.op_wait_s)
         except BaseException:
             lease.release(quiet=True)
             raise
-        lease.release()  # RuntimeError if the lease was lost while the stage ran
+        try:
+            lease.release()
+        except RuntimeError as exc:
+            log.warning("%s: %s", sample_id, exc)
         return result
-    except Exception as exc:  # noqa: BLE001 - transient errors, and a lease lost while the stage ran
+    except Exception as exc:  # noqa: BLE001 - transient errors
         if self.request.retries < s.stage_max_retries and is_transient(exc):
             delay = self.backoff_s()
             log.warning("%s: %s: %s; retry %d in %.1f s", sample_id, stage, exc, self.request.retries + 1, delay)
+            try:
+                liveness.mark_queued(client, f"stage:{sample_id}", delay + s.stall_s)
+            except Exception:  # noqa: BLE001 - Redis away: the reaper re-sends the stage if the retry is lost
+                pass
             raise self.retry(countdown=delay)
-        return fail_journey(self.resources.io, sample_id, stage,
+        return fail_journey(self.app, self.resources.io, sample_id, stage,
                             f"{exc.__class__.__name__}: {exc} (after {self.request.retries} retries)", s.op_wait_s)

@@ -259,7 +259,6 @@ def test_transient_service_outage_is_retried_and_a_bad_video_fails_with_its_stag
     c.worker("services", [q for q in QUEUES if q != "sparkle.i2v"], "--backend", DOUBLES)
 
     port = free_port()
-    c.env["SPARKLE_OP_MAX_RETRIES"] = "50"
     c.worker("i2v", ["sparkle.i2v"], "--service-url", f"http://127.0.0.1:{port}")
     store = run["store"]
     bad = tmp_path / "bad.mp4"

@@ -36,12 +36,19 @@ class DistributedSettings(BaseSettings):
     bulk_window: int = Field(64, ge=1, description="samples in flight at once during bulk generation")
     manifest_root: str | None = Field(None, description="directory a dataset manifest's local paths must lie in "
                                       "(gateway and orchestrator workers; None: the gateway refuses local paths)")
-    sample_lease_s: float = Field(60.0, gt=0, description="lease of a sample's Redis lock: a dead stage worker "
+    sample_lease_s: float = Field(20.0, gt=0, description="lease of a sample's Redis lock: a dead stage worker "
                                   "blocks its sample this long at most (renewed every third of it while alive)")
-    op_max_retries: int = Field(8, ge=0, description="retries of a service call on 503/504/5xx/connection errors")
+    stall_s: float = Field(15.0, gt=0, description="a journey with neither a queued nor a running message for this "
+                           "long is sent again by the reaper (orchestrator/liveness.py)")
+    reap_interval_s: float = Field(5.0, gt=0, description="how often the reaper looks for stalled journeys")
+    queued_max_s: float = Field(900.0, gt=0, description="longest a queued message is trusted to be in its queue "
+                                "before it is sent again (a duplicate is harmless; a lost message is not)")
+    op_lease_s: float = Field(20.0, gt=0, description="lease of a running service call (renewed while alive)")
+    op_check_s: float = Field(5.0, gt=0, description="how often a waiting stage checks that its call is alive")
     op_backoff_s: float = Field(2.0, gt=0, description="first retry delay; doubles per retry, full jitter")
-    op_backoff_max_s: float = Field(120.0, gt=0, description="longest retry delay, seconds")
+    op_backoff_max_s: float = Field(30.0, gt=0, description="longest retry delay, seconds")
     op_wait_s: float = Field(6 * 3600.0, gt=0, description="longest wait of a stage on one service call, queueing "
-                             "included; then the sample fails")
+                             "and outages included: a service call is retried (503/504/connection errors) until "
+                             "this long after it was first sent; then the sample fails")
     op_timeout_s: float = Field(1800.0, gt=0, description="HTTP time-out of one call to a model server")
     stage_max_retries: int = Field(5, ge=0, description="retries of a stage on store/broker errors")

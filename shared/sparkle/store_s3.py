@@ -94,12 +94,16 @@ class RedisLock(AbstractContextManager):
         self._renewer: threading.Thread | None = None
 
     def _renew(self) -> None:
+        from redis.exceptions import LockError
+
         while not self._stop.wait(self.lease_s / 3):
             try:
                 self._lock.reacquire()
-            except Exception as exc:  # noqa: BLE001 - remembered and reported on release
+            except LockError as exc:  # the key expired (or another holder has it): the lease is gone
                 self._lost = exc
                 return
+            except Exception as exc:  # noqa: BLE001 - Redis unreachable: keep trying while the lease may hold
+                self._lost = exc
 
     def acquire(self) -> bool:
         """Take the lock within ``wait_s`` seconds (then renew it until :meth:`release`); False if it stayed
