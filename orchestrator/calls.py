@@ -37,6 +37,7 @@ from sparkle.backends import load_backend
 from sparkle.errors import ConfigError, InputError, ServiceRejected, ServiceUnavailable
 from sparkle.queues import SERVICE_QUEUES
 from sparkle.service import OpRequest
+from sparkle.settings import resolve_key
 from sparkle.store import staging_prefix
 
 from . import liveness
@@ -55,11 +56,12 @@ class HttpExecutor:
     other 4xx -> ServiceRejected (terminal).
     """
 
-    def __init__(self, url: str, timeout_s: float):
+    def __init__(self, url: str, timeout_s: float, api_key: str | None = None):
         import httpx
 
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s,
+                                   headers={"X-API-Key": api_key} if api_key else None)
 
     def __call__(self, service: str, op: str, request: dict) -> dict:
         import httpx
@@ -137,7 +139,9 @@ def configure_worker(services: list[str], service_url: str | None = None, backen
         raise ConfigError("--service-url serves exactly one service queue (one model server per worker)")
     executor = None
     if service_url:
-        executor = HttpExecutor(service_url, resources().settings.op_timeout_s)
+        s = resources().settings
+        executor = HttpExecutor(service_url, s.op_timeout_s,
+                                resolve_key(s.serve_api_key, s.serve_api_key_file, "SPARKLE_SERVE_API_KEY_FILE"))
     elif backend:
         executor = InProcessExecutor(backend, options)
     _worker = WorkerConfig(tuple(services), executor)

@@ -236,14 +236,19 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
     option: list[str] = typer.Option([], "--option", help="backend option KEY=VALUE (repeatable), e.g. "
                                      "--option lora_dir=/models/lightx2v --option cpu_offload=true"),
+    insecure: bool = typer.Option(False, "--insecure", help="serve without an API key (a loopback test only: "
+                                  "anyone who reaches the port may read and write the store through it)"),
 ) -> None:
-    """Start one model service (FastAPI under uvicorn). Shell settings: SPARKLE_SERVE_* variables."""
+    """Start one model service (FastAPI under uvicorn). Shell settings: SPARKLE_SERVE_* variables.
+
+    An API key is required (SPARKLE_SERVE_API_KEY, or SPARKLE_SERVE_API_KEY_FILE) unless --insecure is given:
+    a model server reads and writes the artifact store for whoever calls it."""
     import importlib
 
     import uvicorn
 
     from sparkle.backends import load_backend
-    from sparkle.serving import build_app
+    from sparkle.serving import ServeSettings, build_app
     from sparkle.store import LocalStore
 
     options = {k: v for k, v in {"model_dir": model_dir, "device": device}.items() if v is not None}
@@ -263,6 +268,13 @@ def serve(
     except SparkleError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1)
+    try:
+        key = ServeSettings().key()
+    except SparkleError as exc:
+        _fail(str(exc))
+    if key is None and not insecure:
+        _fail("a model server needs an API key: set SPARKLE_SERVE_API_KEY (or SPARKLE_SERVE_API_KEY_FILE) here and "
+              "for its queue worker, or pass --insecure for a loopback test")
     uvicorn.run(build_app(api), host=host, port=port, log_level="info")
 
 

@@ -10,6 +10,7 @@ reaches into the other's private helpers).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -84,7 +85,8 @@ class Cluster:
     """Processes of one distributed run. ``env``: the ``SPARKLE_*`` variables every process gets."""
 
     def __init__(self, env: dict, logs: Path):
-        self.env = {**os.environ, **env}
+        # The model servers' API key, which their queue workers send (generated unless ``env`` gives one).
+        self.env = {"SPARKLE_SERVE_API_KEY": secrets.token_urlsafe(24), **os.environ, **env}
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -180,10 +180,19 @@ def resolve_path(root: Path | None, relative: str, what: str) -> Path:
     return path
 
 
+PRIVATE_PREFIXES = ("staging/", "jobs/", "datasets/")
+"""Store areas a manifest may not name: other jobs' uploads and the run's own state (a client could reach
+another client's staged upload by its key)."""
+
+
 def check_entry(e: ManifestEntry, root: Path | None, store: ArtifactStore) -> None:
     """Check one entry's files. Raises InputError (or ValueError) saying what is wrong."""
     if (e.video is None) == (e.video_key is None):
         raise InputError("give exactly one of video (a path) and video_key (a store key)")
+    for field, key in (("video_key", e.video_key), ("background_key", e.background_key)):
+        if key is not None and "/".join(PurePosixPath(key).parts).startswith(PRIVATE_PREFIXES):
+            raise InputError(f"{field} {key!r} is in the run's private area ({', '.join(PRIVATE_PREFIXES)}); "
+                             "upload the file under another prefix")
     if e.video is not None:
         resolve_path(root, e.video, "video")
     elif not store.exists(e.video_key):
@@ -205,7 +214,8 @@ def _dataset_prefix(did: str) -> str:
 
 
 def create_dataset(store: ArtifactStore, entries: Iterable[ManifestEntry], root: Path | None,
-                   config: PipelineConfig | None = None, window: int = 64, name: str | None = None) -> dict:
+                   config: PipelineConfig | None = None, window: int = 64, name: str | None = None,
+                   owner: str = "") -> dict:
     """Register a bulk run and give every entry its sample id; returns ``dataset.json``.
 
     ``entries``: a re-iterable (a list, or a :class:`ManifestFile` read line by line): it is read twice, once
@@ -217,10 +227,14 @@ def create_dataset(store: ArtifactStore, entries: Iterable[ManifestEntry], root:
     no sample is added twice. Resumable: the id allocation is saved (``allocation.json``) before the first
     chunk, so a registration cut short continues where it stopped, with the same ids. Raises InputError
     (bad lines, missing files: see :func:`check_entry`; another manifest under the same ``name``).
+    ``owner``: the principal (gateway API key hash) the dataset and its samples belong to; it is part of the
+    digest when given, so two clients posting the same manifest get two datasets.
     """
     config = config or PipelineConfig()
     root_text = str(root.resolve()) if root else None
     digest, counts, total = _digest_and_check(entries, root, root_text, config, store)
+    if owner:
+        digest = hashlib.sha256(f"{digest}\0{owner}".encode()).hexdigest()
     did = name or digest[:16]
     try:
         prefix = _dataset_prefix(did)
@@ -255,6 +269,8 @@ def create_dataset(store: ArtifactStore, entries: Iterable[ManifestEntry], root:
                                                "done": False, "updated_at": time.time()})
         doc = {"id": did, "sha256": digest, "total": total, "by_edit_type": counts, "root": root_text,
                "config": config.model_dump(mode="json"), "window": window, "created_at": time.time()}
+        if owner:
+            doc["owner"] = owner
         store.put_json(prefix + "dataset.json", doc)  # last: its presence means the dataset is complete
     return doc
 
@@ -312,18 +328,19 @@ def _submit_entry(celery_app, store: ArtifactStore, ds: dict, row: dict) -> None
         try:
             journey.submit_files(celery_app, store, resolve_path(root, e.video, "video"), e.prompt, e.theme,
                                  e.chosen_keyword, background, e.force, e.gates, config, sample_id=row["id"],
-                                 dataset=ds["id"])
+                                 dataset=ds["id"], owner=ds.get("owner", ""))
         except InputError as exc:  # a file that changed since registration: the sample fails, the run goes on
-            _record_failed_submission(store, row["id"], e, ds["id"], str(exc))
+            _record_failed_submission(store, row["id"], e, ds["id"], str(exc), ds.get("owner", ""))
         return
     task = jobs.new_task(row["id"], e.theme, e.prompt, e.chosen_keyword, e.video_key, e.background_key, e.force, e.gates)
-    journey.start_journey(celery_app, store, task, config, ds["id"])
+    journey.start_journey(celery_app, store, task, config, ds["id"], ds.get("owner", ""))
 
 
-def _record_failed_submission(store: ArtifactStore, sid: str, e: ManifestEntry, did: str, reason: str) -> None:
+def _record_failed_submission(store: ArtifactStore, sid: str, e: ManifestEntry, did: str, reason: str,
+                              owner: str = "") -> None:
     task = jobs.new_task(sid, e.theme, e.prompt, e.chosen_keyword, e.video or "", None, e.force, e.gates)
     task.status, task.failed_stage, task.reason = "failed", "submit", f"submit: {reason}"
-    cp = jobs.Checkpoint(task=task, config={}, next="finish", submitted_at=time.time(), dataset=did)
+    cp = jobs.Checkpoint(task=task, config={}, next="finish", submitted_at=time.time(), dataset=did, owner=owner)
     store.put_json(layout.report(e.theme, sid), summary(task))
     jobs.write_job(store, cp, "failed", "submit")
 

@@ -14,7 +14,10 @@
 - ``GET /healthz``, ``GET /readyz`` (broker and store reachable); OpenAPI at ``/docs`` and ``/openapi.json``.
 
 API keys (``SPARKLE_GATEWAY_API_KEYS``, comma-separated; unset: open) go in ``X-API-Key`` or
-``Authorization: Bearer``. The upload streams through the multipart parser into a spooled temporary file
+``Authorization: Bearer`` and are checked before the body is read. Jobs and datasets belong to the key that
+made them: another key gets a 404 for them (and cannot cancel them). Each client gets
+``SPARKLE_GATEWAY_RATE_LIMIT`` requests (429 beyond) and ``SPARKLE_GATEWAY_MAX_STREAMS`` open event streams;
+a body sent too slowly is cut with 408. The upload streams through the multipart parser into a spooled temporary file
 (memory bounded at 1 MiB per file), is checked (decodable video, resolution, prompt, theme), and only then
 goes to the store (multipart upload above 5 MiB); a body larger than ``SPARKLE_MAX_UPLOAD_BYTES`` is refused
 with 413 while it streams, before anything is stored.
@@ -25,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import secrets
 import shutil
 import tempfile
 import time
@@ -41,10 +43,37 @@ from sparkle import layout
 from sparkle.backends import MAX_KEYWORD_CHARS
 from sparkle.config import PipelineConfig, distributed_config
 from sparkle.errors import InputError, TooLarge
-from sparkle.serving import BodyLimit
+from sparkle.serving import ApiKeyAuth, BodyLimit
 
 from . import datasets, jobs, journey
 from sparkle.settings import DistributedSettings
+
+class RateLimits:
+    """Per-client limits of the gateway (``limits``' moving window, in this process): ``rate`` requests (e.g.
+    ``20/second``), and at most ``streams`` open event streams."""
+
+    def __init__(self, rate: str, streams: int):
+        from limits import parse
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.rate, self.streams = parse(rate), streams
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.open: dict[str, int] = {}
+
+    def hit(self, who: str) -> bool:
+        """Count one request of ``who``; False beyond the rate."""
+        return self.limiter.hit(self.rate, who)
+
+    def open_stream(self, who: str) -> bool:
+        if self.open.get(who, 0) >= self.streams:
+            return False
+        self.open[who] = self.open.get(who, 0) + 1
+        return True
+
+    def close_stream(self, who: str) -> None:
+        self.open[who] -= 1
+
 
 MULTIPART_OVERHEAD = 1024 * 1024
 """Bytes of form fields and multipart framing allowed above ``max_upload_bytes`` in one request body."""
@@ -145,28 +174,33 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                   description="Instruction-guided video background replacement (the Sparkle pipeline), "
                               "one video at a time or as bulk datasets.")
     app.state.store, app.state.celery = store, celery_app
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)  # JSON 413, streamed
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)  # JSON 413/408, streamed
+    app.add_middleware(ApiKeyAuth, keys=keys)  # outermost: the key is checked before any of the body is read
+    limiter = RateLimits(settings.gateway_rate_limit, settings.gateway_max_streams)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
         return JSONResponse({"detail": str(exc)}, status_code=413 if isinstance(exc, TooLarge) else 400)
 
-    async def principal(x_api_key: Annotated[str | None, Header()] = None,
-                        authorization: Annotated[str | None, Header()] = None) -> str:
-        """The caller's key (hashed) when keys are configured; 401 otherwise."""
-        if not keys:
-            return ""
-        given = x_api_key or (authorization or "").removeprefix("Bearer ").strip()
-        if not any(secrets.compare_digest(given.encode(), k.encode()) for k in keys):
-            raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)")
-        return hashlib.sha256(given.encode()).hexdigest()[:16]
+    async def principal(request: Request) -> str:
+        """The caller (the hash of its API key; ``""`` when the gateway has no keys), authenticated by
+        :class:`~sparkle.serving.ApiKeyAuth` before the body was read; 429 beyond its request rate."""
+        who = request.state.principal
+        if not limiter.hit(who or request.client.host if request.client else who):
+            raise HTTPException(429, f"more than {settings.gateway_rate_limit} requests",
+                                headers={"Retry-After": "1"})
+        return who
 
-    def job_or_404(job_id: str) -> dict:
+    def job_or_404(job_id: str, who: str) -> dict:
+        """The job document, if ``who`` owns it: another client's job is a 404, as if it did not exist."""
         try:
             layout.parse_sample_id(job_id)
-            return jobs.read_job(store, job_id)
+            doc = jobs.read_job(store, job_id)
         except (ValueError, KeyError):
             raise HTTPException(404, f"no job {job_id!r}") from None
+        if doc.get("owner", "") != who:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return {k: v for k, v in doc.items() if k != "owner"}
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -209,7 +243,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                 bg_path = await _save_upload(background, Path(tmp) / "background", settings.max_upload_bytes)
 
             def submit() -> tuple[dict, bool]:
-                args = dict(video_name=video.filename, config=config)
+                args = dict(video_name=video.filename, config=config, owner=who)
                 if not idempotency_key:
                     return journey.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
                                              force, gates, **args), True
@@ -222,7 +256,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                             raise IdempotencyConflict(
                                 "this Idempotency-Key was used for a different request (other files or fields); "
                                 "use a new key for a new job")
-                        return jobs.read_job(store, known["job"]), False
+                        return job_or_404(known["job"], who), False
                     doc = journey.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
                                             force, gates, **args)
                     store.put_json(mapping, {"job": doc["id"], "request": request, "created_at": time.time()})
@@ -236,39 +270,55 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                 raise type(exc)(str(exc).replace(tmp + "/", "")) from None
             except Exception as exc:  # noqa: BLE001 - broker or store down: nothing was kept
                 _raise_unavailable(exc)
+        doc = {k: v for k, v in doc.items() if k != "owner"}
         return JSONResponse(doc, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{doc['id']}"})
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, who: str = Depends(principal)):
         """The job: ``state`` (queued, running, accepted, rejected, failed, cancelled), ``stage``, ``stages``
         (decisions with ``seconds`` and gate ``scores``), ``timings`` (s), ``error``."""
-        return await asyncio.to_thread(job_or_404, job_id)
+        return await asyncio.to_thread(job_or_404, job_id, who)
 
     async def existing_job(job_id: str, who: str = Depends(principal)) -> dict:
-        return await asyncio.to_thread(job_or_404, job_id)
+        return await asyncio.to_thread(job_or_404, job_id, who)
+
+    async def stream_slot(request: Request, doc: dict = Depends(existing_job)) -> dict:
+        """The job, and one of the caller's event-stream slots (released when its stream ends); 429 if none."""
+        if not limiter.open_stream(request.state.principal):
+            raise HTTPException(429, f"more than {settings.gateway_max_streams} open event streams",
+                                headers={"Retry-After": "5"})
+        return doc
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse)
-    async def job_events(job_id: str, poll_s: Annotated[float, Query(ge=0.1, le=30)] = 1.0,
-                         doc: dict = Depends(existing_job)):
-        """Server-sent events: the job document each time it changes, until it is final (404 unknown job)."""
-        last = None
-        while True:
-            if doc["updated_at"] != last:
-                last = doc["updated_at"]
-                yield doc
-            if doc["state"] in jobs.TERMINAL:
-                return
-            await asyncio.sleep(poll_s)
-            doc = await asyncio.to_thread(job_or_404, job_id)
+    async def job_events(request: Request, job_id: str, poll_s: Annotated[float, Query(ge=0.5, le=30)] = 1.0,
+                         doc: dict = Depends(stream_slot)):
+        """Server-sent events: the job document each time it changes, until it is final (404 unknown job; 429
+        beyond ``SPARKLE_GATEWAY_MAX_STREAMS`` open streams of one client). One store read per ``poll_s``."""
+        who = request.state.principal
+        try:
+            last = None
+            while True:
+                if doc["updated_at"] != last:
+                    last = doc["updated_at"]
+                    yield doc
+                if doc["state"] in jobs.TERMINAL:
+                    return
+                await asyncio.sleep(poll_s)
+                doc = await asyncio.to_thread(job_or_404, job_id, who)
+        finally:
+            limiter.close_stream(who)
 
     @app.get("/v1/jobs/{job_id}/artifacts", tags=["jobs"])
-    async def job_artifacts(job_id: str, expires_s: Annotated[int, Query(ge=1, le=7 * 24 * 3600)] = 3600,
+    async def job_artifacts(job_id: str, expires_s: Annotated[int, Query(ge=1)] = 900,
                             who: str = Depends(principal)):
-        """Presigned download URLs (``expires_s`` seconds) of the job's artifacts: the published files of an
-        accepted sample and the report of every finished one. 409 while the job is not finished."""
+        """Presigned download URLs (``expires_s`` seconds, at most ``SPARKLE_PRESIGN_MAX_S``, 1 h by default:
+        a leaked link stops working soon) of the job's artifacts: the published files of an accepted sample and
+        the report of every finished one. 409 while the job is not finished; 422 beyond the cap."""
         from sparkle.store_s3 import download_url
 
-        doc = await asyncio.to_thread(job_or_404, job_id)
+        if expires_s > settings.presign_max_s:
+            raise HTTPException(422, f"expires_s is at most {settings.presign_max_s} s (SPARKLE_PRESIGN_MAX_S)")
+        doc = await asyncio.to_thread(job_or_404, job_id, who)
         if doc["state"] not in jobs.TERMINAL:
             raise HTTPException(409, f"job {job_id} is {doc['state']}: artifacts come when it is finished")
         try:
@@ -283,9 +333,10 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
     async def cancel_job(job_id: str, who: str = Depends(principal)):
         """Cancel: the running stage finishes, then the journey stops and removes what it staged. 409 when
         the job is already final."""
-        await asyncio.to_thread(job_or_404, job_id)
+        await asyncio.to_thread(job_or_404, job_id, who)
         try:
-            return await asyncio.to_thread(jobs.request_cancel, store, job_id)
+            doc = await asyncio.to_thread(jobs.request_cancel, store, job_id)
+            return {k: v for k, v in doc.items() if k != "owner"}
         except jobs.JobFinished as exc:
             raise HTTPException(409, str(exc)) from None
 
@@ -296,11 +347,12 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         entries = datasets.parse_manifest("\n".join(json.dumps(e) for e in body.entries))
         config = _config(base_config, body.max_size, body.max_frames)
         ds = await asyncio.to_thread(datasets.create_dataset, store, entries, manifest_root, config,
-                                     body.window or settings.bulk_window, body.name)
+                                     body.window or settings.bulk_window, body.name, who)
         try:
             await asyncio.to_thread(datasets.drive, celery_app, ds["id"], resume=False)
         except Exception as exc:  # noqa: BLE001 - the dataset is registered: GET /v1/datasets/{id} drives it later
             _raise_unavailable(exc)
+        ds = {k: v for k, v in ds.items() if k != "owner"}
         return {**ds, "status": await asyncio.to_thread(datasets.dataset_status, store, ds["id"])}
 
     @app.get("/v1/datasets/{dataset_id}", tags=["datasets"])
@@ -308,6 +360,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         """Progress (``total``, ``submitted``, ``finished``, ``counts`` by state) and the stage ``funnel``. A
         run whose driver went quiet for a minute is driven again (with its in-flight samples resumed)."""
         try:
+            if (await asyncio.to_thread(datasets.read_dataset, store, dataset_id)).get("owner", "") != who:
+                raise KeyError(dataset_id)  # another client's dataset: as if it did not exist
             status = await asyncio.to_thread(datasets.dataset_status, store, dataset_id)
         except KeyError:
             raise HTTPException(404, f"no dataset {dataset_id!r}") from None

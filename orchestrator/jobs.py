@@ -60,6 +60,7 @@ class Checkpoint(BaseModel):
     sent: bool = Field(False, description="the message for `next` was handed to the broker")
     submitted_at: float
     dataset: str | None = None
+    owner: str = Field("", description="the principal (API key hash) that submitted it; '' on an open gateway")
 
 
 def load_checkpoint(store: ArtifactStore, sid: str) -> Checkpoint | None:
@@ -84,7 +85,8 @@ def write_job(store: ArtifactStore, cp: Checkpoint, state: str, stage: str | Non
     """
     task = cp.task
     doc = {"id": task.id, "edit_type": task.edit_type, "state": state, "stage": stage, "prompt": task.prompt,
-           "chosen_keyword": task.chosen_keyword, "dataset": cp.dataset, "submitted_at": cp.submitted_at,
+           "chosen_keyword": task.chosen_keyword, "dataset": cp.dataset, "owner": cp.owner,
+           "submitted_at": cp.submitted_at,
            "updated_at": time.time(), "reason": task.reason,
            "error": ({"stage": task.failed_stage, "reason": task.reason}
                      if state in ("failed", "cancelled") else None),

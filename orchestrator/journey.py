@@ -54,14 +54,14 @@ def _send(celery_app, sample_id: str, stage: str) -> None:
 # --- starting and resuming ------------------------------------------------------------------------------
 
 def start_journey(celery_app, store: ArtifactStore, task: SampleTask, config: PipelineConfig,
-                  dataset: str | None = None) -> dict:
+                  dataset: str | None = None, owner: str = "") -> dict:
     """Write the checkpoint and the ``queued`` job document, then send the first stage's message.
 
     The source (and background) must already be in the store at ``task.source_key``. If the broker refuses
     the message, what was written is removed and the error propagates (nothing half-submitted stays).
     """
     cp = jobs.Checkpoint(task=task, config=config.model_dump(mode="json"), next=FIRST_STAGE,
-                         submitted_at=time.time(), dataset=dataset)
+                         submitted_at=time.time(), dataset=dataset, owner=owner)
     jobs.save_checkpoint(store, cp)
     doc = jobs.write_job(store, cp, "queued", None)
     try:
@@ -78,11 +78,12 @@ def start_journey(celery_app, store: ArtifactStore, task: SampleTask, config: Pi
 def submit_files(celery_app, store: ArtifactStore, video: Path, prompt: str | None, edit_type: str = "location",
                  chosen_keyword: str | None = None, background: Path | None = None, force: bool = False,
                  gates: bool = True, config: PipelineConfig | None = None, sample_id: str | None = None,
-                 dataset: str | None = None, video_name: str | None = None) -> dict:
+                 dataset: str | None = None, video_name: str | None = None, owner: str = "") -> dict:
     """Validate local files, upload them to ``staging/{id}/inputs/`` and start the journey; the job document.
 
     ``sample_id``: given by a dataset (deterministic); else the next free index of ``edit_type``.
-    ``video_name``: the original file name (for its suffix) when ``video`` is a temporary file.
+    ``video_name``: the original file name (for its suffix) when ``video`` is a temporary file. ``owner``: the
+    principal the job belongs to (the gateway's API key hash).
     Raises InputError (see :func:`~sparkle.orchestrator.local.validate_inputs`) before anything is written.
     """
     prompt = validate_inputs(video, prompt, edit_type, background)
@@ -96,7 +97,7 @@ def submit_files(celery_app, store: ArtifactStore, video: Path, prompt: str | No
                                         background)
     task = jobs.new_task(sid, edit_type, prompt, chosen_keyword, source_key, background_key, force, gates)
     try:
-        return start_journey(celery_app, store, task, config or PipelineConfig(), dataset)
+        return start_journey(celery_app, store, task, config or PipelineConfig(), dataset, owner)
     except Exception:
         store.delete_prefix(staging_prefix(sid))
         raise

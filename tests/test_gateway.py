@@ -157,7 +157,8 @@ def set_state(store, sid: str, state: str, stage: str | None = "finish") -> dict
     """Write the job document of ``sid`` in ``state`` as a worker would (from its checkpoint)."""
     cp = jobs.load_checkpoint(store, sid)
     assert cp is not None, f"no checkpoint of {sid}"
-    return jobs.write_job(store, cp, state, stage)
+    doc = jobs.write_job(store, cp, state, stage)
+    return {k: v for k, v in doc.items() if k != "owner"}  # as the API shows it
 
 
 def sse_events(lines) -> list[dict]:
@@ -249,7 +250,7 @@ def test_post_job_stages_the_source_and_enqueues_ingest(make_gateway, store_kind
     assert store.exists(f"staging/{sid}/journey.json")
     cp = jobs.load_checkpoint(store, sid)
     assert cp.next == "ingest" and cp.sent is True and cp.task.source_key == inputs[0]
-    assert store.get_json(f"jobs/{sid}.json") == doc
+    assert store.get_json(f"jobs/{sid}.json") == {**doc, "owner": ""}  # the owner is stored, not shown
     assert gw.queued() == [("sparkle.stage", [sid, "ingest"], {})]
 
     got = gw.client.get(f"/v1/jobs/{sid}")
@@ -380,8 +381,15 @@ def test_api_keys(make_gateway, media):
     assert gw.queued() == []
 
     assert gw.post_video(media["small"], headers={"X-API-Key": "k2"}).status_code == 202
-    assert c.get("/v1/jobs/Sparkle_location_000000", headers={"Authorization": "Bearer k1"}).status_code == 200
-    assert c.get("/v1/jobs/Sparkle_location_000000", headers={"X-API-Key": "k1"}).status_code == 200
+    assert c.get("/v1/jobs/Sparkle_location_000000", headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert c.get("/v1/jobs/Sparkle_location_000000", headers={"X-API-Key": "k2"}).json()["state"] == "queued"
+    # Another client's job is not there for k1: no read, no events, no artifacts, no cancel (B cancelled A's job).
+    job = "/v1/jobs/Sparkle_location_000000"
+    for method, path in (("GET", job), ("GET", job + "/events"), ("GET", job + "/artifacts"), ("DELETE", job)):
+        r = c.request(method, path, headers={"X-API-Key": "k1"})
+        assert r.status_code == 404, (method, path, r.text)
+    assert not gw.store.exists(jobs.cancel_key("Sparkle_location_000000"))
+    assert c.delete(job, headers={"X-API-Key": "k2"}).status_code == 202
 
     for path in ("/healthz", "/docs", "/openapi.json"):
         assert c.get(path).status_code == 200, path
@@ -534,7 +542,8 @@ def test_dataset_is_registered_once_and_driven_by_ticks(ds_gateway):
     did = ds["id"]
     assert ds["total"] == 3 and ds["window"] == 2 and ds["by_edit_type"] == {"location": 2, "season": 1}
     assert ds["status"]["total"] == 3 and ds["status"]["submitted"] == 0 and ds["status"]["done"] is False
-    assert gw.queued() == [("sparkle.dataset_tick", [did], {})]
+    [(name, args, kwargs)] = gw.queued()  # one tick chain, with its token
+    assert (name, args, kwargs["resume"]) == ("sparkle.dataset_tick", [did], False) and kwargs["token"]
     assert datasets.dataset_samples(store, did) == ["Sparkle_location_000000", "Sparkle_season_000000",
                                                 "Sparkle_location_000001"]
     ids_before = {k: store.get_json(k) for k in store.list_keys("jobs/ids/")}
@@ -546,20 +555,25 @@ def test_dataset_is_registered_once_and_driven_by_ticks(ds_gateway):
     assert again.status_code == 202 and again.json()["id"] == did
     assert {k: store.get_json(k) for k in store.list_keys("jobs/ids/")} == ids_before
     assert store.list_keys("datasets/") == keys_before
-    assert [m[1] for m in gw.queued()] == [[did], [did]]
+    assert [m[1] for m in gw.queued()] == [[did]]  # the same dataset posted again: still one tick chain
 
     st = gw.client.get(f"/v1/datasets/{did}")
     assert st.status_code == 200
     body = st.json()
     assert (body["id"], body["total"], body["submitted"], body["finished"], body["counts"]) == (did, 3, 0, 0, {})
     assert body["funnel"]["samples"] == 0 and "stages" in body["funnel"]
-    assert len(gw.queued()) == 2  # a fresh run is not driven again by a GET
+    assert len(gw.queued()) == 1  # a fresh run is not driven again by a GET
 
-    # a run whose driver went quiet for over a minute is driven again, resuming its samples in flight
+    # a run whose driver went quiet for over a minute (its chain's token expired) is driven again, resuming
+    # its samples in flight; while that chain lives, further GETs send nothing
     state = store.get_json(f"datasets/{did}/state.json")
     store.put_json(f"datasets/{did}/state.json", {**state, "updated_at": time.time() - 120})
-    assert gw.client.get(f"/v1/datasets/{did}").status_code == 200
-    assert gw.queued()[-1] == ("sparkle.dataset_tick", [did], {"resume": True})
+    gw.celery.backend.client.delete(datasets.chain_key(did))
+    for _ in range(5):
+        assert gw.client.get(f"/v1/datasets/{did}").status_code == 200
+    assert len(gw.queued()) == 2
+    name, args, kwargs = gw.queued()[-1]
+    assert (name, args, kwargs["resume"]) == ("sparkle.dataset_tick", [did], True)
 
 
 def test_dataset_name_and_store_keys(ds_gateway, media):
@@ -745,8 +759,12 @@ def test_artifacts_of_a_finished_job_s3_are_presigned(make_gateway, s3_store, me
         assert got.status_code == 200 and got.content == s3_store.get_bytes(art["key"])
     assert httpx.get(arts["edited_video"]["url"], timeout=10).content == b"the edited video"
     default = gw.client.get(f"/v1/jobs/{sid}/artifacts").json()
-    assert default["expires_s"] == 3600
-    assert parse_qs(urlsplit(default["artifacts"]["report"]["url"]).query)["X-Amz-Expires"] == ["3600"]
+    assert default["expires_s"] == 900
+    assert parse_qs(urlsplit(default["artifacts"]["report"]["url"]).query)["X-Amz-Expires"] == ["900"]
+    # A link valid for 7 days was accepted; the longest is SPARKLE_PRESIGN_MAX_S (1 h by default).
+    r = gw.client.get(f"/v1/jobs/{sid}/artifacts", params={"expires_s": 7 * 24 * 3600})
+    assert r.status_code == 422 and "SPARKLE_PRESIGN_MAX_S" in r.json()["detail"]
+    assert gw.client.get(f"/v1/jobs/{sid}/artifacts", params={"expires_s": 3600}).status_code == 200
 
 
 # Regression test (a defect found by this file, since fixed):
@@ -787,13 +805,13 @@ def test_events_follow_the_job_until_it_is_final(gateway, queued_job):
     events: list[dict] = []
     start = time.monotonic()
     try:
-        with gateway.client.stream("GET", f"/v1/jobs/{queued_job}/events", params={"poll_s": 0.1}) as r:
+        with gateway.client.stream("GET", f"/v1/jobs/{queued_job}/events", params={"poll_s": 0.5}) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             for line in r.iter_lines():
                 events += sse_events([line])
                 if len(events) == 1 and not timers:  # the stream is open: the "worker" moves the job on
-                    timers += [later(0.3, "running", "ingest"), later(1.3, "accepted", "finish"),
+                    timers += [later(0.3, "running", "ingest"), later(1.5, "accepted", "finish"),
                                later(20.0, "failed", "watchdog")]  # ends a stream that would miss 'accepted'
     finally:
         for t in timers:
@@ -806,7 +824,7 @@ def test_events_follow_the_job_until_it_is_final(gateway, queued_job):
 
 
 def test_events_poll_interval_is_bounded(gateway, queued_job):
-    for poll in (0.01, 31, "x"):
+    for poll in (0.01, 0.1, 31, "x"):  # 0.1: 20 streams made 273 store reads a second
         assert gateway.client.get(f"/v1/jobs/{queued_job}/events", params={"poll_s": poll}).status_code == 422
 
 
@@ -943,3 +961,118 @@ def test_a_chunked_body_over_the_limit_is_413_not_400(make_gateway):
     assert r.status_code == 413, (r.status_code, r.text[:200])
     assert "larger than" in r.json()["detail"]
     assert_nothing_stored(gw.store)
+
+
+# --- 9. issue 15: ownership, auth before the body, rate limits, slow bodies --------------------------------------
+
+def test_datasets_belong_to_the_key_that_made_them(make_gateway, media):
+    gw = make_gateway(gateway_api_keys="k1,k2")
+    gw.store.put_file("uploads/a.mp4", media["small"])
+    body = {"entries": [{"video_key": "uploads/a.mp4", "prompt": SNOW_PROMPT}]}
+    mine = gw.client.post("/v1/datasets", json=body, headers={"X-API-Key": "k1"}).json()["id"]
+    theirs = gw.client.post("/v1/datasets", json=body, headers={"X-API-Key": "k2"}).json()["id"]
+    assert mine != theirs  # the same manifest from two clients: two datasets, each its owner's
+    assert gw.client.get(f"/v1/datasets/{mine}", headers={"X-API-Key": "k1"}).status_code == 200
+    assert gw.client.get(f"/v1/datasets/{mine}", headers={"X-API-Key": "k2"}).status_code == 404
+    assert "owner" not in gw.client.get(f"/v1/datasets/{mine}", headers={"X-API-Key": "k1"}).json()
+
+
+def test_a_dataset_cannot_name_another_clients_staged_upload(make_gateway, media):
+    gw = make_gateway(gateway_api_keys="k1,k2")
+    sid = gw.post_video(media["small"], headers={"X-API-Key": "k1"}).json()["id"]
+    [staged] = [k for k in gw.store.list_keys(f"staging/{sid}/inputs/")]
+    for key in (staged, f"jobs/{sid}.json", "datasets/x/state.json", "./staging/" + staged.split("/", 1)[1]):
+        r = gw.client.post("/v1/datasets", json={"entries": [{"video_key": key}]}, headers={"X-API-Key": "k2"})
+        assert r.status_code == 400 and "private area" in r.json()["detail"], (key, r.text)
+
+
+async def _asgi(app, method: str, path: str, headers: list, body_chunks: list[bytes], delay_s: float = 0.0):
+    """Drive an ASGI app by hand: ``(status, body, chunks the app read)``; the body arrives ``delay_s`` s apart."""
+    import asyncio
+
+    read, sent = [], []
+
+    async def receive():
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        if len(read) < len(body_chunks):
+            read.append(body_chunks[len(read)])
+            return {"type": "http.request", "body": read[-1], "more_body": len(read) < len(body_chunks)}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": headers, "query_string": b"",
+             "client": ("127.0.0.1", 1), "server": ("test", 80), "scheme": "http", "root_path": "",
+             "http_version": "1.1", "app": app}
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), len(read)
+
+
+def test_the_key_is_checked_before_any_of_the_body_is_read(make_gateway):
+    """The gateway read a whole upload before refusing a missing key: now 401 with 0 chunks read."""
+    import asyncio
+
+    gw = make_gateway(gateway_api_keys="k1")
+    headers = [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"1000000")]
+    status, body, read = asyncio.run(_asgi(gw.app, "POST", "/v1/jobs", headers, [b"x" * 1000] * 1000))
+    assert (status, read) == (401, 0) and "API key" in body["detail"]
+
+
+def test_a_slow_body_is_cut_with_408(make_gateway):
+    """20 of 20 slow uploads were held open for ever: a body that stalls for idle_s is answered 408."""
+    import asyncio
+
+    from sparkle.serving import BodyLimit
+
+    gw = make_gateway()
+    slow = BodyLimit(gw.app, limit=10**9, idle_s=0.2, min_rate=1.0, grace_s=60)
+    headers = [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"100000")]
+    status, body, read = asyncio.run(_asgi(slow, "POST", "/v1/jobs", headers, [b"x" * 10] * 100, delay_s=0.5))
+    assert status == 408 and "too slow" in body["detail"] and read == 0
+    # Under the average rate after the grace period: cut as well, though each chunk came within idle_s.
+    trickle = BodyLimit(gw.app, limit=10**9, idle_s=5, min_rate=1000.0, grace_s=0.3)
+    head = b'--x\r\nContent-Disposition: form-data; name="video"; filename="a.mp4"\r\n\r\n'
+    status, body, read = asyncio.run(_asgi(trickle, "POST", "/v1/jobs", headers, [head] + [b"x"] * 100, delay_s=0.1))
+    assert status == 408 and 1 <= read < 10
+    assert_nothing_stored(gw.store)
+
+
+def test_requests_and_event_streams_are_rate_limited_per_client(make_gateway, queued_job):
+    gw = make_gateway(gateway_rate_limit="5/second")
+    codes = [gw.client.get("/v1/jobs/Sparkle_location_000099").status_code for _ in range(8)]
+    assert codes[:5] == [404] * 5 and codes[5:] == [429] * 3
+    time.sleep(1.1)
+    assert gw.client.get("/v1/jobs/Sparkle_location_000099").status_code == 404  # the window moved on
+
+
+def test_open_event_streams_per_client_are_bounded(make_gateway, media):
+    import threading
+
+    gw = make_gateway(gateway_max_streams=2)
+    sid = gw.post_video(media["small"]).json()["id"]
+    opened, stop = [], threading.Event()
+
+    def hold():
+        with gw.client.stream("GET", f"/v1/jobs/{sid}/events") as r:
+            opened.append(r.status_code)
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    break
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(opened) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    third = gw.client.get(f"/v1/jobs/{sid}/events")
+    assert opened == [200, 200] and third.status_code == 429
+    stop.set()
+    set_state(gw.store, sid, "rejected")  # ends the two streams
+    for t in threads:
+        t.join(10)

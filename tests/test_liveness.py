@@ -82,7 +82,8 @@ def test_one_tick_chain_per_dataset_however_often_it_is_posted_or_polled(setting
     broker = redis_url.rsplit("/", 1)[0] + f"/{db}"
     r = redis.Redis.from_url(broker)
     r.flushdb()
-    s = settings.model_copy(update={"broker_url": broker, "store_url": f"s3://{bucket}/chain-{uuid.uuid4().hex[:8]}"})
+    s = settings.model_copy(update={"broker_url": broker, "store_url": f"s3://{bucket}/chain-{uuid.uuid4().hex[:8]}",
+                                    "gateway_rate_limit": "1000/second"})
     store = open_store(s.store_url, s)
     store.put_file("uploads/a.mp4", JUGGLE)
     app = make_app(s)

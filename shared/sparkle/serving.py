@@ -18,21 +18,24 @@ Error mapping: ArtifactMissing 404, TooLarge 413, other InputError 400, NotReady
 """
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ArtifactMissing, InputError, NotReady, TooLarge
+from .settings import resolve_key
 from .service import Operation, ServiceAPI
 
 log = logging.getLogger("sparkle.serving")
@@ -51,8 +54,15 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     request_timeout_s: float = Field(900.0, gt=0)
     retry_after_s: int = Field(5, ge=1)
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, description="the key clients must send (X-API-Key or Bearer)")
+    api_key_file: Path | None = Field(None, description="a file holding the key (a mounted Secret, or the key an "
+                                      "init container generated for the pod); used when api_key is unset")
     load_in_background: bool = True
+
+    def key(self) -> str | None:
+        """The API key (``api_key``, else the stripped contents of ``api_key_file``), or None. Raises
+        ConfigError when the file is missing or empty."""
+        return resolve_key(self.api_key, self.api_key_file, "SPARKLE_SERVE_API_KEY_FILE")
 
 
 class _Metrics:
@@ -138,52 +148,88 @@ class _Runner:
                         f.set_exception(exc)
 
 
+async def _answer(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodyLimit:
     """ASGI middleware: 413 when a request body exceeds ``limit`` bytes, from the ``Content-Length`` header or,
-    for a chunked body, by counting it as it streams (it was a 400 from the body parser)."""
+    for a chunked body, by counting it as it streams (it was a 400 from the body parser); 408 when the client
+    sends it too slowly: nothing for ``idle_s`` seconds, or less than ``min_rate`` bytes/s on average after the
+    first ``grace_s`` seconds (a slow-upload client held a connection open for ever)."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, idle_s: float = 30.0, min_rate: float = 64 * 1024, grace_s: float = 60.0):
         self.app, self.limit = app, limit
-
-    async def _reject(self, send) -> None:
-        body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        self.idle_s, self.min_rate, self.grace_s = idle_s, min_rate, grace_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and int(length) > self.limit:
-            return await self._reject(send)
-        seen, exceeded = 0, False
+            return await _answer(send, 413, f"request body larger than {self.limit} bytes")
+        seen, refused = 0, None
+        started = time.monotonic()
 
         async def limited():
-            nonlocal seen, exceeded
-            if exceeded:
+            nonlocal seen, refused
+            if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            allowed = self.grace_s + seen / self.min_rate - (time.monotonic() - started)
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, min(self.idle_s, allowed)))
+            except TimeoutError:
+                refused = (408, f"request body too slow (nothing for {self.idle_s:g} s, or under "
+                                f"{self.min_rate / 1024:g} KiB/s after {self.grace_s:g} s)")
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     # The body parser would turn an exception into its own 400 ("error parsing the body"): end
                     # the body as a disconnect instead, drop whatever the app answers, and answer 413 below.
-                    exceeded = True
+                    refused = (413, f"request body larger than {self.limit} bytes")
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message):
-            if not exceeded:
+            if not refused:
                 await send(message)
 
         try:
             await self.app(scope, limited, guarded_send)
         except Exception:  # noqa: BLE001 - the app's reaction to the cut body; anything else re-raises
-            if not exceeded:
+            if not refused:
                 raise
-        if exceeded:
-            await self._reject(send)
+        if refused:
+            await _answer(send, *refused)
+
+
+class ApiKeyAuth:
+    """ASGI middleware: requests under ``prefix`` must carry one of ``keys`` (``X-API-Key`` or ``Authorization:
+    Bearer``), checked from the headers before any of the body is read (401 otherwise). The caller's
+    principal, the first 16 hex digits of the key's SHA-256 (``""`` when no keys are configured), is put in
+    ``scope["state"]["principal"]`` (``request.state.principal``)."""
+
+    def __init__(self, app, keys: list[str], prefix: str = "/v1/"):
+        self.app, self.keys, self.prefix = app, [k.encode() for k in keys], prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        principal = ""
+        if self.keys:
+            headers = dict(scope["headers"])
+            given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+            if not any(secrets.compare_digest(given, k) for k in self.keys):
+                return await _answer(send, 401, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
+                                     [(b"www-authenticate", b"Bearer")])
+            principal = hashlib.sha256(given).hexdigest()[:16]
+        scope.setdefault("state", {})["principal"] = principal
+        return await self.app(scope, receive, send)
 
 
 def build_app(api: ServiceAPI, settings: ServeSettings | None = None) -> FastAPI:
@@ -225,6 +271,8 @@ def build_app(api: ServiceAPI, settings: ServeSettings | None = None) -> FastAPI
     app = FastAPI(title=f"Sparkle Factory — {api.service}", lifespan=lifespan,
                   description=(api.__doc__ or "").strip())
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    key = settings.key()
+    app.add_middleware(ApiKeyAuth, keys=[key] if key else [])  # outermost: before the body is read
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -248,15 +296,6 @@ def build_app(api: ServiceAPI, settings: ServeSettings | None = None) -> FastAPI
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, exc: NotReady):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after())
-
-    async def authorise(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not secrets.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
-            from fastapi import HTTPException
-
-            raise HTTPException(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)")
 
     @app.get("/healthz")
     async def healthz():
@@ -301,7 +340,7 @@ def build_app(api: ServiceAPI, settings: ServeSettings | None = None) -> FastAPI
 
         handler.__name__ = spec.name
         handler.__doc__ = spec.doc or f"{api.service} operation {spec.name}."
-        app.post(f"/v1/{spec.name}", response_model=spec.response, dependencies=[Depends(authorise)],
+        app.post(f"/v1/{spec.name}", response_model=spec.response,
                  summary=f"{api.service}: {spec.name}")(handler)
 
     for spec in api.operations().values():

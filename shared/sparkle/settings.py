@@ -13,6 +13,8 @@ Processes of the distributed run and how they are started:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,6 +32,13 @@ class DistributedSettings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     gateway_api_keys: SecretStr | None = Field(None, description="comma-separated API keys of the gateway")
+    gateway_rate_limit: str = Field("30/second", description="requests per client (API key, or address when "
+                                    "the gateway is open), in the `limits` notation")
+    gateway_max_streams: int = Field(4, ge=1, description="open event streams (SSE) per client")
+    presign_max_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="longest expiry of an artifact link, s")
+    serve_api_key: SecretStr | None = Field(None, description="the model server's API key, sent by its queue "
+                                            "worker (the same SPARKLE_SERVE_API_KEY the server reads)")
+    serve_api_key_file: Path | None = Field(None, description="a file holding it (SPARKLE_SERVE_API_KEY_FILE)")
     visibility_timeout_s: int = Field(7200, description="Redis visibility timeout: longer than the longest stage")
     unacked_restore_interval_s: int = Field(15, description="how often a killed worker's task is restored")
     max_upload_bytes: int = Field(2 * 1024**3, description="largest accepted upload (gateway)")
@@ -52,3 +61,21 @@ class DistributedSettings(BaseSettings):
                              "this long after it was first sent; then the sample fails")
     op_timeout_s: float = Field(1800.0, gt=0, description="HTTP time-out of one call to a model server")
     stage_max_retries: int = Field(5, ge=0, description="retries of a stage on store/broker errors")
+
+
+def resolve_key(value: SecretStr | None, file: Path | None, what: str) -> str | None:
+    """A secret given as a value or as a file (its stripped contents), or None when neither is. Raises
+    ConfigError when the file is missing or empty."""
+    from .errors import ConfigError
+
+    if value is not None and value.get_secret_value().strip():
+        return value.get_secret_value().strip()
+    if file is None:
+        return None
+    try:
+        text = Path(file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}={file}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"{what}={file} is empty")
+    return text

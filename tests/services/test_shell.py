@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -227,11 +228,12 @@ def test_openapi_documents_every_operation(sample):
     (["weather", "--backend", "cpu"], "unknown service"),
     (["tracking", "--backend", "large"], "has no 'large' backend"),
     (["i2v", "--backend", "cpu", "--option", "no-equals-sign"], "KEY=VALUE"),
+    (["i2v", "--backend", "cpu"], "a model server needs an API key"),  # it was served open to anyone
 ])
 def test_serve_fails_at_start_with_a_clear_message(args, message, tmp_path):
     from ..conftest import sparkle
 
-    proc = sparkle("serve", *args, "--store", tmp_path, "--port", "0")
+    proc = sparkle("serve", *args, "--store", tmp_path, "--port", "0", env={"SPARKLE_SERVE_API_KEY": ""})
     assert proc.returncode == 1
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -309,3 +311,32 @@ def test_model_servers_write_only_in_the_calling_samples_staging_area(sample):
                                                 "instruction": "x", "output": "staging/../prompts/a.png"})
         assert r.status_code == 422
     assert sorted(store.list_keys("")) == before
+
+
+def test_a_model_server_with_a_key_writes_nothing_for_an_unauthenticated_request(sample, tmp_path):
+    """One unauthenticated request each overwrote the prompts CSV and published videos: a server with a key
+    (here from a file, as the pod's init container writes it) answers 401 and writes nothing."""
+    store, io, ref, video = sample
+    key_file = tmp_path / "serve-api-key"
+    key_file.write_text("pod-secret\n")
+    settings = ServeSettings(load_in_background=False, api_key_file=key_file)
+    out = "staging/Sparkle_location_000000/ops/unauthenticated.png"
+    body = {"sample": ref, "image": "staging/Sparkle_location_000000/frame0.png", "instruction": ref["prompt"],
+            "output": out}
+    before = sorted(store.list_keys(""))
+    with client_for("image_edit", store, settings) as c:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer pod-secret-"}):
+            assert c.post("/v1/edit_background", json=body, headers=headers).status_code == 401
+        assert sorted(store.list_keys("")) == before
+        assert c.post("/v1/edit_background", json=body, headers={"X-API-Key": "pod-secret"}).status_code == 200
+    assert store.exists(out)
+    store.delete_prefix(out)
+
+
+def test_an_empty_or_missing_key_file_is_a_config_error(tmp_path):
+    from sparkle.errors import ConfigError
+
+    (tmp_path / "empty").write_text("\n")
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(ConfigError):
+            ServeSettings(api_key_file=path).key()
