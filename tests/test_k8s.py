@@ -329,3 +329,34 @@ def test_the_plan_sizes_replicas_on_gpu_seconds_plus_each_calls_overhead():
     with pytest.raises(ValueError, match=">= 0"):
         plan(overhead={"i2v": -1.0})
     assert "| i2v | 105 | 9 |" in _run_capacity("--overhead", "i2v=9")
+
+
+def test_model_servers_require_a_per_pod_key_and_only_prometheus_may_reach_them(rendered):
+    """Model servers answered anyone, without a key. Each pod now generates its own key before the server
+    starts (a memory-backed emptyDir), the server requires it and the pod's worker sends it; a NetworkPolicy
+    admits only Prometheus to the model-service pods."""
+    from sparkle.k8s_render import KEY_FILE, dashed
+
+    overlay, docs = rendered
+    deployments = _objects(docs, "Deployment")
+    for service in SERVICES:
+        spec = deployments[dashed(service)]["spec"]["template"]["spec"]
+        names = [c["name"] for c in spec["initContainers"]]
+        assert names.index("serve-key") < names.index("model-server"), (overlay, names)
+        assert "restartPolicy" not in spec["initContainers"][names.index("serve-key")]  # runs to completion first
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "serve-key"]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        server = spec["initContainers"][names.index("model-server")]
+        for c in (server, *spec["containers"]):
+            assert {"name": "SPARKLE_SERVE_API_KEY_FILE", "value": KEY_FILE} in c["env"], (service, c["name"])
+            assert any(m["name"] == "serve-key" for m in c["volumeMounts"])
+        assert "--insecure" not in server["args"]
+    (policy,) = _objects(docs, "NetworkPolicy").values()
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "model-service"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [8000]
+    assert [f["podSelector"]["matchLabels"] for f in rule["from"]] == [{"app.kubernetes.io/name": "prometheus"}]
+    for name, d in deployments.items():  # no Sparkle pod is admitted
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/name") != "prometheus", name

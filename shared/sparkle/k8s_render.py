@@ -139,6 +139,26 @@ def worker_args(service: str) -> list[str]:
     return args
 
 
+KEY_DIR = "/run/sparkle"
+KEY_FILE = f"{KEY_DIR}/serve-api-key"
+"""The model server's API key, generated per pod by the ``serve-key`` init container into a memory-backed
+``emptyDir``: the server requires it and the pod's queue worker sends it; nobody else has it."""
+
+
+def _key_env_and_mount(read_only: bool = True) -> dict:
+    return {"volumeMounts": [{"name": "serve-key", "mountPath": KEY_DIR, "readOnly": read_only}]}
+
+
+def _key_init_container(service: str) -> dict:
+    return {
+        "name": "serve-key",
+        "image": image(service),
+        "command": ["python", "-c", f"import secrets; open({KEY_FILE!r}, 'w').write(secrets.token_urlsafe(32))"],
+        **_key_env_and_mount(read_only=False),
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+    }
+
+
 def _server_container(service: str, startup_s: int) -> dict:
     plan = PLANS[service]
     return {
@@ -154,7 +174,9 @@ def _server_container(service: str, startup_s: int) -> dict:
         "envFrom": _env_from(),
         "env": [{"name": "SPARKLE_SERVE_MAX_BATCH_SIZE", "value": str(plan.batch_size)},
                 {"name": "SPARKLE_SERVE_MAX_PENDING", "value": str(max(16, 2 * plan.worker_concurrency))},
-                {"name": "SPARKLE_SERVE_REQUEST_TIMEOUT_S", "value": str(plan.request_timeout_s)}],
+                {"name": "SPARKLE_SERVE_REQUEST_TIMEOUT_S", "value": str(plan.request_timeout_s)},
+                {"name": "SPARKLE_SERVE_API_KEY_FILE", "value": KEY_FILE}],
+        **_key_env_and_mount(),
         "startupProbe": _http_probe("/readyz", 10, startup_s // 10),
         "readinessProbe": _http_probe("/readyz", 10, 3),
         "livenessProbe": _http_probe("/healthz", 20, 6),
@@ -168,6 +190,8 @@ def _worker_container(service: str) -> dict:
         "command": ["sparkle"],
         "args": worker_args(service),
         "envFrom": _env_from(),
+        "env": [{"name": "SPARKLE_SERVE_API_KEY_FILE", "value": KEY_FILE}],
+        **_key_env_and_mount(),
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
     }
 
@@ -188,8 +212,9 @@ def deployment(service: str) -> dict:
                                              "prometheus.io/path": "/metrics"}},
                 "spec": {
                     "terminationGracePeriodSeconds": plan.grace_s,
-                    "initContainers": [_server_container(service, plan.startup_s)],
+                    "initContainers": [_key_init_container(service), _server_container(service, plan.startup_s)],
                     "containers": [_worker_container(service)],
+                    "volumes": [{"name": "serve-key", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}],
                 },
             },
         },
@@ -291,12 +316,12 @@ def gpu_patch(service: str) -> dict:
                  "limits": {"memory": plan.memory_limit, "nvidia.com/gpu": 1}}
     server = {"name": "model-server",
               "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]}
-    init_containers = [server]
+    init_containers = [{"name": "serve-key"}, server]  # serve-key first: the patch's order is the result's
     if plan.vllm:
         # vLLM owns the GPU and the weights; the Sparkle server is its adapter (SPARKLE_GROUNDING_URL).
         server["env"] = [{"name": "SPARKLE_GROUNDING_URL", "value": f"http://127.0.0.1:{VLLM_PORT}/v1"}]
         server["resources"] = {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "8Gi"}}
-        init_containers.insert(0, {
+        init_containers.insert(1, {
             "name": "vllm",
             "image": VLLM_IMAGE,
             "restartPolicy": "Always",
@@ -345,7 +370,9 @@ def cpu_patch(service: str) -> dict:
         "metadata": {"name": name},
         "spec": {"template": {"spec": {
             "terminationGracePeriodSeconds": 120,
-            "initContainers": [{
+            # serve-key named first: a strategic-merge patch puts its own list's elements first, and the key
+            # must be written before the server starts.
+            "initContainers": [{"name": "serve-key", "imagePullPolicy": "IfNotPresent"}, {
                 "name": "model-server",
                 "imagePullPolicy": "IfNotPresent",
                 "args": server_args(service, "tiny"),

@@ -29,6 +29,9 @@ class DistributedSettings(BaseSettings):
     s3_endpoint: str = Field("127.0.0.1:9000", description="MinIO / S3 endpoint host:port")
     s3_access_key: SecretStr = SecretStr("sparkle")
     s3_secret_key: SecretStr = SecretStr("sparkle-secret")
+    s3_access_key_file: Path | None = Field(None, description="a file holding the access key (a mounted secret); "
+                                            "read instead of s3_access_key when set")
+    s3_secret_key_file: Path | None = Field(None, description="a file holding the secret key")
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     gateway_api_keys: SecretStr | None = Field(None, description="comma-separated API keys of the gateway")
@@ -61,6 +64,14 @@ class DistributedSettings(BaseSettings):
                              "this long after it was first sent; then the sample fails")
     op_timeout_s: float = Field(1800.0, gt=0, description="HTTP time-out of one call to a model server")
     stage_max_retries: int = Field(5, ge=0, description="retries of a stage on store/broker errors")
+
+    def s3_credentials(self) -> tuple[str, str]:
+        """(access key, secret key): from the ``*_file`` settings when given, else the values. Raises ConfigError
+        for a missing or empty file."""
+        return (resolve_key(None, self.s3_access_key_file, "SPARKLE_S3_ACCESS_KEY_FILE") or
+                self.s3_access_key.get_secret_value(),
+                resolve_key(None, self.s3_secret_key_file, "SPARKLE_S3_SECRET_KEY_FILE") or
+                self.s3_secret_key.get_secret_value())
 
 
 def resolve_key(value: SecretStr | None, file: Path | None, what: str) -> str | None:

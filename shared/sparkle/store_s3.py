@@ -342,8 +342,8 @@ def open_store(url: str, settings=None) -> ArtifactStore:
 
         settings = DistributedSettings()
     endpoint, secure = _endpoint(settings.s3_endpoint, settings.s3_secure)
-    client = Minio(endpoint, access_key=settings.s3_access_key.get_secret_value(),
-                   secret_key=settings.s3_secret_key.get_secret_value(), secure=secure,
+    access_key, secret_key = settings.s3_credentials()
+    client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
                    region=settings.s3_region or None)
     broker = settings.broker_url or ""
     lock_url = broker if urlsplit(broker).scheme in ("redis", "rediss", "unix") else None
