@@ -17,6 +17,11 @@ from sparkle.errors import InputError
 from sparkle.service import OpRequest, OpResponse, SampleRef, ServiceAPI, ServiceClient, Strict, operation
 
 
+MAX_ANCHORS = 24
+"""Anchors per ``bait`` request: BAIT re-grounds at 2 FPS, 11 anchor frames for Sparkle's 81 frames at 16 fps
+(up to 21 for a 10 s clip). It was 81, and with 32 boxes each one request cost 210 s of CPU."""
+
+
 class AnchorBox(Strict):
     label: str
     box: tuple[int, int, int, int] = Field(description="pixels (x1, y1, x2, y2), x2/y2 exclusive")
@@ -24,13 +29,14 @@ class AnchorBox(Strict):
 
 class AnchorModel(Strict):
     frame_index: int = Field(ge=0)
-    boxes: list[AnchorBox] = Field(min_length=1, max_length=32)
+    boxes: list[AnchorBox] = Field(min_length=1, max_length=16)
 
 
 class BaitRequest(OpRequest):
     output_suffix: ClassVar[str] = "npz"
 
-    anchors: list[AnchorModel] = Field(min_length=1, max_length=81)
+    anchors: list[AnchorModel] = Field(min_length=1, max_length=MAX_ANCHORS, description=(
+        "one per re-grounded frame at 2 FPS (11 for 81 frames at 16 fps), each frame at most once"))
     tie_is_foreground: bool = True
     output: str = Field(description="key of the voted mask .npz")
 
@@ -52,6 +58,9 @@ class TrackingAPI(ServiceAPI):
         """Track from every anchor over the source video and vote; the `.npz` mask is written to `output`."""
         ctx = self.context(req.sample)
         t, h, w = ctx.video.shape
+        frames = [a.frame_index for a in req.anchors]
+        if len(set(frames)) != len(frames):
+            raise InputError(f"anchor frames repeat: {frames} (one anchor per frame)")
         anchors = []
         for a in req.anchors:
             if a.frame_index >= t:

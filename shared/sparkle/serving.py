@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ArtifactMissing, InputError, NotReady, TooLarge
 from .settings import resolve_key
-from .service import Operation, ServiceAPI
+from .service import Operation, ServiceAPI, run_until
 
 log = logging.getLogger("sparkle.serving")
 
@@ -106,12 +106,17 @@ class _Runner:
         self.metrics.batch.labels(self.api.service, self.spec.name).observe(len(requests))
         async with self.slots:
             started = time.perf_counter()
-            responses = await asyncio.get_running_loop().run_in_executor(self.pool, self.api.run, self.spec.name,
+            deadline = time.monotonic() + self.settings.request_timeout_s
+            responses = await asyncio.get_running_loop().run_in_executor(self.pool, self._run_until, deadline,
                                                                          requests)
             run = round(time.perf_counter() - started, 4)
         for response in responses:
             response.timings = {"run": run, **response.timings}
         return responses
+
+    def _run_until(self, deadline: float, requests: list[BaseModel]) -> list[BaseModel]:
+        with run_until(deadline):
+            return self.api.run(self.spec.name, requests)
 
     async def submit(self, request: BaseModel) -> BaseModel:
         if not self.spec.batch:

@@ -340,3 +340,49 @@ def test_an_empty_or_missing_key_file_is_a_config_error(tmp_path):
     for path in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(ConfigError):
             ServeSettings(api_key_file=path).key()
+
+
+class SlowTrackerDouble:
+    """TEST DOUBLE of a tracking backend: an empty mask per anchor, 0.2 s each, counting its passes."""
+
+    name = "slow-tracker-double"
+
+    def __init__(self):
+        self.passes = 0
+
+    def setup(self):
+        pass
+
+    def warmup(self):
+        pass
+
+    def track(self, ctx, frames, anchors):
+        for _ in anchors:
+            time.sleep(0.2)
+            self.passes += 1
+            yield np.zeros(frames.shape[:3], bool)
+
+
+def test_a_bait_request_stops_at_its_deadline_and_anchors_are_bounded(sample):
+    """One bait request cost 210 s of CPU and ran on after its 504: it now stops at the next pass after its
+    time-out, and a request is at most 24 anchors on distinct frames (it was 81 x 32 boxes)."""
+    from sparkle.services.tracking.app import MAX_ANCHORS, TrackingAPI
+
+    store, io, ref, video = sample
+    tracker = SlowTrackerDouble()
+    settings = ServeSettings(load_in_background=False, request_timeout_s=0.5)
+    box = {"label": "person", "box": [0, 0, 10, 10]}
+    body = {"sample": ref, "anchors": [{"frame_index": i, "boxes": [box]} for i in range(12)],
+            "output": "staging/Sparkle_location_000000/ops/slow.npz"}
+    with TestClient(build_app(TrackingAPI(tracker, store), settings)) as c:
+        assert c.post("/v1/bait", json=body).status_code == 504
+        time.sleep(1.0)
+        stopped_at = tracker.passes
+        time.sleep(0.6)
+        assert tracker.passes == stopped_at and stopped_at <= 5, stopped_at  # 12 passes would be 2.4 s
+        assert not store.exists(body["output"])
+        too_many = {**body, "anchors": [{"frame_index": i, "boxes": [box]} for i in range(MAX_ANCHORS + 1)]}
+        assert c.post("/v1/bait", json=too_many).status_code == 422
+        repeated = {**body, "anchors": [{"frame_index": 0, "boxes": [box]}] * 2}
+        r = c.post("/v1/bait", json=repeated)
+        assert r.status_code == 400 and "repeat" in r.json()["detail"]

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..backends import Anchor, GroundedObject, SampleContext, Tracker
 from ..boxes import to_pixels
+from ..service import check_deadline
 
 
 def anchors_from_round2(frame_indices: list[int], frame_objects: list[list[GroundedObject]],
@@ -35,7 +36,8 @@ def run_bait(tracker: Tracker, ctx: SampleContext, frames: np.ndarray, anchors: 
     """Track from every anchor and vote (the tracking service's ``bait`` operation); returns the ``(T, H, W) bool``
     mask. ``tracker``: a model backend whose ``track`` yields one ``(T, H, W) bool`` pass per anchor.
 
-    Raises ValueError when there is no anchor (the caller rejects the sample with that reason).
+    Raises ValueError when there is no anchor (the caller rejects the sample with that reason), TimeoutError
+    when the request's deadline (:func:`~sparkle.service.run_until`) passes between two passes.
     """
     if not anchors:
         raise ValueError("no anchor frame with a grounded box")
@@ -43,6 +45,7 @@ def run_bait(tracker: Tracker, ctx: SampleContext, frames: np.ndarray, anchors: 
     votes = np.zeros((t, h, w), np.uint16)
     passes = 0
     for pass_mask in tracker.track(ctx, frames, anchors):
+        check_deadline("bait")  # a request whose client got its 504 stops here, not after every pass
         if pass_mask.shape != (t, h, w):
             raise ValueError(f"tracker {tracker.name} returned {pass_mask.shape}, expected {(t, h, w)}")
         votes += pass_mask
