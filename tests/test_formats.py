@@ -213,3 +213,31 @@ def test_conforming_a_file_frame_by_frame_gives_the_same_frames():
     a = conform_file(PEDESTRIANS, cfg)
     b = conform(read_video(PEDESTRIANS, max_frames=33, fps=16), cfg)
     assert a.fps == b.fps == 16.0 and np.array_equal(a.frames, b.frames)
+
+
+def test_the_16_kb_8k_bomb_is_refused_in_under_a_second_and_200_mb(tmp_path):
+    """The issue's bomb: a ~16 KB video of 8192x4320 frames was accepted and cost 2.58 GB at 9 frames. Its
+    refusal, in a fresh process as the gateway or a worker meets it, takes < 1 s and peaks < 200 MB (about
+    90 MB of it is FFmpeg's stream probe, which decodes one frame before any of our code can look)."""
+    import subprocess
+    import sys
+
+    from sparkle.media import write_video
+
+    bomb = write_video(tmp_path / "bomb.mp4", np.zeros((2, 4320, 8192, 3), np.uint8), 16)
+    assert bomb.stat().st_size < 20_000
+    # VmHWM (this process image's peak RSS), not ru_maxrss, which keeps the forking parent's across exec.
+    probe = ("import sys, time\n"
+             "from sparkle.config import ConformConfig\n"
+             "from sparkle.errors import TooLarge\n"
+             "from sparkle.media import conform_file\n"
+             "t = time.perf_counter()\n"
+             "try:\n    conform_file(sys.argv[1], ConformConfig())\nexcept TooLarge as exc:\n    print('refused', exc)\n"
+             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+             "print(time.perf_counter() - t, int(hwm) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(bomb)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    refused, figures = out.stdout.strip().splitlines()
+    seconds, peak_mb = map(float, figures.split())
+    assert refused.startswith("refused") and "8192x4320" in refused
+    assert seconds < 1.0 and peak_mb < 200, (seconds, peak_mb)
