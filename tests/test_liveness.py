@@ -212,3 +212,37 @@ def test_settings_bound_recovery_below_a_minute():
     s = DistributedSettings()
     assert s.sample_lease_s + s.stall_s + s.reap_interval_s <= 60
     assert s.op_lease_s + 2 * s.op_check_s <= 60
+
+
+def test_a_service_call_retries_an_outage_by_time_not_by_count(client, tmp_path, monkeypatch):
+    """8 retries (208 s measured) failed a sample during a 3.5 min server outage, while Kubernetes gives a model
+    server 30 min to start. Now a call retries until op_wait_s after it was sent, however many retries."""
+    from sparkle.errors import ServiceUnavailable
+    from sparkle.orchestrator import calls
+    from sparkle.orchestrator.celery_app import TransientError, resources
+
+    failures = {"left": 12}
+
+    def flaky(service, op, request):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise TransientError(f"{service}: connection refused (server starting)")
+        return {"ok": True}
+
+    url = client.connection_pool.connection_kwargs
+    broker = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    for key, value in {"SPARKLE_BROKER_URL": broker, "SPARKLE_STORE_URL": f"local:{tmp_path}",
+                       "SPARKLE_OP_BACKOFF_S": "0.001", "SPARKLE_OP_BACKOFF_MAX_S": "0.001"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(resources(), "_made", {})  # this process's resources, from the variables above
+    monkeypatch.setattr(calls, "_worker", calls.WorkerConfig(("i2v",), flaky))
+    app = make_app(DistributedSettings())
+    app.conf.task_always_eager = True  # retries run at once, in this thread
+    task = app.tasks[calls.service_op.name]
+    cache = "staging/Sparkle_location_000000/ops/i2v.animate.abc.json"
+    answer = task.apply(args=["i2v", "animate", {}, cache], kwargs={"deadline": time.time() + 600}).get()
+    assert answer["ok"] and failures["left"] == 0  # 12 retries: more than the old limit of 8
+    failures["left"] = 1
+    with pytest.raises(ServiceUnavailable, match="gave up"):  # the deadline is past: no retry
+        task.apply(args=["i2v", "animate", {}, cache + "2"], kwargs={"deadline": time.time() - 1}).get()
+    app.close()
