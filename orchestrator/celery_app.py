@@ -10,7 +10,8 @@ Reliability settings, each for a measured reason (Celery 5.7 / kombu 5.7, kombu/
   delivered again, to another worker, over and over: it must exceed the longest stage. When a whole worker
   host dies, its messages come back once this timeout has passed, at kombu's restore sweep, which runs every
   ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds (10 x 10 = 100 s by default; here
-  ``SPARKLE_UNACKED_RESTORE_INTERVAL_S`` x 1).
+  ``SPARKLE_UNACKED_RESTORE_INTERVAL_S`` x 1). That is the last resort: the liveness watchers
+  (``liveness.py``) re-send a lost stage or call within seconds, whatever this timeout.
 - JSON only: task messages carry artifact keys and parameters, never pixels.
 - Redis restarts: the broker transport is kombu's Redis transport with one change (:class:`Transport`): giving
   unacknowledged messages back when a lost connection is closed no longer kills the worker (kombu 5.7 raises

@@ -325,7 +325,7 @@ def worker_command(
 
     from .liveness import start_reaper, watch_receipts
 
-    watch_receipts(celery_app)  # its heartbeat, and its name in the marks of the messages it receives
+    watch_receipts(celery_app, resources().settings.stall_s)  # its heartbeat; its name in its messages' marks
     if CPU_QUEUE in names:  # an orchestrator worker: it also watches for stalled journeys (liveness.py)
         worker_ready.connect(lambda **_: start_reaper(celery_app, resources().store, resources().settings),
                              weak=False)

@@ -8,7 +8,9 @@ sent. Three functions move it, and nothing else does:
 - :func:`advance` (run by the ``sparkle.stage`` task under the sample's Redis lease) runs the stage the
   checkpoint names next (``orchestrator/pipeline.py``, with the service clients over the queues), saves the new
   checkpoint, then sends the following stage's message; the last one publishes or reports and ends the journey;
-- :func:`resume_journey` sends the next stage's message again after a crash of anything.
+- :func:`resume_journey` sends the next stage's message again after a crash of anything: the reaper of
+  ``liveness.py`` calls it for a journey with no queued, received or running message for ``stall_s`` seconds
+  (so recovery takes seconds, not the visibility timeout), and so do ``sparkle enqueue`` and the dataset tick.
 
 A re-delivered or duplicate message finds its stage done and does nothing, so every stage is idempotent; a
 message held while its stage runs lasts one stage, which is what the visibility timeout must exceed.
@@ -206,14 +208,18 @@ def stage_task(self: SparkleTask, sample_id: str, stage: str) -> dict:
     lease = RedisLock(self.resources.redis, liveness.sample_lease(sample_id), s.sample_lease_s, wait_s=1.0)
     try:
         took = lease.acquire()
-        liveness.taken(client, f"stage:{sample_id}")
-        if not took:
-            return {"id": sample_id, "skipped": "another worker holds the sample"}
-        liveness.journey_seen(client, sample_id)
         try:
+            liveness.taken(client, f"stage:{sample_id}")
+            if not took:
+                return {"id": sample_id, "skipped": "another worker holds the sample"}
+            liveness.journey_seen(client, sample_id)
             result = advance(self.app, self.resources.io, sample_id, stage, s.op_wait_s)
         except BaseException:
-            lease.release(quiet=True)
+            if took:  # stop renewing whatever happens (a lease renewed for ever hides a dead journey)
+                try:
+                    lease.release(quiet=True)
+                except Exception:  # noqa: BLE001 - Redis away: the lease expires by itself
+                    pass
             raise
         try:
             lease.release()

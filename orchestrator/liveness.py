@@ -85,10 +85,12 @@ def mark_queued(client, what: str, ttl_s: float) -> None:
     client.set(queued(what), time.time(), px=max(1, int(ttl_s * 1000)))
 
 
-def received(client, what: str, who: str) -> None:
-    """A worker process ``who`` received ``what`` (it may start it later): the mark now names that process and
-    keeps its time-to-live, so that it dies with the process's heartbeat."""
-    client.set(queued(what), f"w:{who}", keepttl=True, xx=True)
+def received(client, what: str, who: str, ttl_s: float) -> None:
+    """A worker process ``who`` received ``what``: the mark now names that process (so it dies with the
+    process's heartbeat) and lasts ``ttl_s`` seconds, until a little after the message is due to start (its
+    ETA, for a retry); a message the worker then loses without starting it (its connection reset, a failure
+    before the stage began) is found lost when the mark expires."""
+    client.set(queued(what), f"w:{who}", px=max(1, int(ttl_s * 1000)), xx=True)
 
 
 def taken(client, what: str) -> None:
@@ -227,10 +229,23 @@ class Heartbeat:
                 return
 
 
-def watch_receipts(celery_app) -> Heartbeat:
+def _due_in(request) -> float:
+    """Seconds until a received message is due to start (its ETA; 0 without one)."""
+    from datetime import datetime
+
+    eta = getattr(request, "eta", None)
+    if not eta:
+        return 0.0
+    if isinstance(eta, str):
+        eta = datetime.fromisoformat(eta)
+    return max(0.0, eta.timestamp() - time.time())
+
+
+def watch_receipts(celery_app, grace_s: float) -> Heartbeat:
     """In a worker process: start its heartbeat, and name it in the mark of every stage or call message it
-    receives (Celery's ``task_received``), so that a message prefetched by a process that then died is seen
-    lost within ``HEARTBEAT_TTL_S`` seconds rather than ``queued_max_s``."""
+    receives (Celery's ``task_received``), lasting until ``grace_s`` seconds after the message is due, so that
+    a message prefetched by a process that then died, or dropped without being started, is seen lost within
+    seconds rather than ``queued_max_s``."""
     from celery.signals import task_received
 
     client, who = redis_of(celery_app), identity()
@@ -239,7 +254,7 @@ def watch_receipts(celery_app) -> Heartbeat:
         what = {"sparkle.stage": lambda: f"stage:{request.args[0]}", "sparkle.op": lambda: f"op:{request.id}"}
         if request is not None and request.name in what:
             try:
-                received(client, what[request.name](), who)
+                received(client, what[request.name](), who, _due_in(request) + grace_s)
             except Exception as exc:  # noqa: BLE001 - Redis away: the mark stays as it was
                 log.warning("receipt of %s not marked: %s", request.id, exc)
 

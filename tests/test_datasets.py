@@ -8,6 +8,7 @@ import json
 import tracemalloc
 
 import pytest
+import redis
 
 from sparkle import layout
 from sparkle.capacity import plan
@@ -137,16 +138,20 @@ def test_collecting_a_finished_sample_removes_the_staging_area_its_killed_worker
 
 
 class RecordingApp:
-    """TEST DOUBLE of the Celery app: records the messages sent (``send_task``)."""
+    """TEST DOUBLE of the Celery app: records the messages sent (``send_task``); its result backend's Redis
+    client (where the liveness marks go) is ``client``."""
 
-    def __init__(self):
+    def __init__(self, client):
+        from types import SimpleNamespace
+
         self.sent: list[tuple[str, list]] = []
+        self.backend = SimpleNamespace(client=client)
 
     def send_task(self, name, args=None, **_):
         self.sent.append((name, list(args or [])))
 
 
-def test_a_submission_cut_short_before_the_tick_recorded_it_is_resumed_not_lost(tmp_path):
+def test_a_submission_cut_short_before_the_tick_recorded_it_is_resumed_not_lost(tmp_path, redis_url):
     """The enqueue process was killed inside a tick after a sample's checkpoint and ``queued`` job were written
     but before its first message went out and before ``state.json`` moved the cursor past it. The next tick
     finds the job (so it does not submit the sample twice) and must send its next stage, or the sample waits
@@ -163,7 +168,7 @@ def test_a_submission_cut_short_before_the_tick_recorded_it_is_resumed_not_lost(
                          dataset=ds["id"])
     jobs.save_checkpoint(store, cp)  # sent=False: the message never left
     jobs.write_job(store, cp, "queued", None)
-    app = RecordingApp()
+    app = RecordingApp(redis.Redis.from_url(redis_url))
     state = datasets.dataset_tick(app, store, ds["id"], window=1)
     assert state["in_flight"] == [first]
     assert app.sent == [("sparkle.stage", [first, "ingest"])]

@@ -47,10 +47,10 @@ def test_the_reaper_resends_only_journeys_neither_queued_nor_running(client):
     client.set(liveness.sample_lease("running"), "token", ex=100)
     # Two worker processes received a message each (prefetched); one of them has since died (no heartbeat).
     client.set(liveness.heartbeat_key("1@live"), 1, ex=10)
-    liveness.received(client, "stage:held_by_live", "1@live")
-    liveness.received(client, "stage:held_by_dead", "2@dead")
-    liveness.received(client, "stage:lost", "1@live")  # no mark to name: stays absent (xx)
-    assert client.ttl(liveness.queued("stage:held_by_dead")) > 90  # the mark keeps its time-to-live
+    liveness.received(client, "stage:held_by_live", "1@live", 30)
+    liveness.received(client, "stage:held_by_dead", "2@dead", 30)
+    liveness.received(client, "stage:lost", "1@live", 30)  # no mark to name: stays absent (xx)
+    assert 20 < client.ttl(liveness.queued("stage:held_by_dead")) <= 30  # until a little after it is due
     asked = []
 
     def resend(sid):
