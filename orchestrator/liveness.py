@@ -167,51 +167,21 @@ def reap(client, resend, stall_s: float, now: float | None = None, batch: int = 
     return resent
 
 
-class Reaper:
-    """The reaper's thread: every ``interval_s`` seconds, if no other process reaped this interval (``SET NX``
-    on :data:`REAPER`), one :func:`reap` pass. Redis errors (a restart) are logged and waited out; the thread
-    never exits before :meth:`stop`."""
+class Periodic:
+    """A daemon thread calling :meth:`tick` every ``every_s`` seconds until :meth:`stop`; its errors (Redis or the
+    store away: a restart) are logged and waited out, so the thread never ends on its own."""
 
-    def __init__(self, client, resend, stall_s: float, interval_s: float, also=None):
-        self.client, self.resend, self.stall_s, self.interval_s = client, resend, stall_s, interval_s
-        self.also = also
+    name = "sparkle-periodic"
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sparkle-reaper", daemon=True)
-        self.resent: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
 
-    def start(self) -> "Reaper":
-        self._thread.start()
-        return self
+    def tick(self) -> None:
+        raise NotImplementedError
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if not self.client.set(REAPER, 1, nx=True, px=max(1, int(self.interval_s * 900))):
-                    continue
-                for sid in reap(self.client, self.resend, self.stall_s):
-                    log.warning("reaper: journey %s had no live message for %.0f s: its next stage was sent again",
-                                sid, self.stall_s)
-                    self.resent.append((time.time(), sid))
-                if self.also is not None:
-                    self.also()
-            except Exception as exc:  # noqa: BLE001 - Redis or the store away: try again next interval
-                log.warning("reaper: %s: %s", exc.__class__.__name__, exc)
-
-
-class Heartbeat:
-    """This worker process's heartbeat thread (:func:`heartbeat_key`, every ``HEARTBEAT_S`` s); Redis errors are
-    waited out."""
-
-    def __init__(self, client, who: str | None = None):
-        self.client, self.who = client, who or identity()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sparkle-heartbeat", daemon=True)
-
-    def start(self) -> "Heartbeat":
+    def start(self):
         self._thread.start()
         return self
 
@@ -222,11 +192,47 @@ class Heartbeat:
     def _loop(self) -> None:
         while True:
             try:
-                self.client.set(heartbeat_key(self.who), time.time(), px=int(HEARTBEAT_TTL_S * 1000))
-            except Exception as exc:  # noqa: BLE001 - Redis away: beat again next time
-                log.warning("heartbeat: %s: %s", exc.__class__.__name__, exc)
-            if self._stop.wait(HEARTBEAT_S):
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - waited out: the next tick tries again
+                log.warning("%s: %s: %s", self.name, exc.__class__.__name__, exc)
+            if self._stop.wait(self.every_s):
                 return
+
+
+class Reaper(Periodic):
+    """The reaper's thread: every ``interval_s`` seconds, if no other process reaped this interval (``SET NX``
+    on :data:`REAPER`), one :func:`reap` pass, then ``also()`` (the bulk runs' chains)."""
+
+    name = "sparkle-reaper"
+
+    def __init__(self, client, resend, stall_s: float, interval_s: float, also=None):
+        super().__init__(interval_s)
+        self.client, self.resend, self.stall_s, self.also = client, resend, stall_s, also
+        self.resent: list[tuple[float, str]] = []
+
+    def tick(self) -> None:
+        if not self.client.set(REAPER, 1, nx=True, px=max(1, int(self.every_s * 900))):
+            return
+        for sid in reap(self.client, self.resend, self.stall_s):
+            log.warning("reaper: journey %s had no live message for %.0f s: its next stage was sent again",
+                        sid, self.stall_s)
+            self.resent.append((time.time(), sid))
+        if self.also is not None:
+            self.also()
+
+
+class Heartbeat(Periodic):
+    """This worker process's heartbeat (:func:`heartbeat_key`, every ``HEARTBEAT_S`` s, lasting
+    ``HEARTBEAT_TTL_S``)."""
+
+    name = "sparkle-heartbeat"
+
+    def __init__(self, client, who: str | None = None):
+        super().__init__(HEARTBEAT_S)
+        self.client, self.who = client, who or identity()
+
+    def tick(self) -> None:
+        self.client.set(heartbeat_key(self.who), time.time(), px=int(HEARTBEAT_TTL_S * 1000))
 
 
 def _due_in(request) -> float:
