@@ -175,6 +175,8 @@ def service_op(self: SparkleTask, service: str, op: str, request: dict, cache_ke
 
 
 def _call(task: SparkleTask, service: str, op: str, request: dict, cache_key: str, deadline: float | None) -> dict:
+    """The body of :func:`service_op` under its lease: the cached answer, or the executor's (cached before it
+    is returned); a transient failure is a retry (``task.retry``) while ``deadline`` allows."""
     if task.store.exists(cache_key):
         return task.store.get_json(cache_key)
     if _worker.executor is None or service not in _worker.services:
