@@ -132,10 +132,12 @@ def test_concurrent_requests_reach_vllm_together(servers, sample):
         watcher.start()
         try:
             # 16-image camera checks: long prefills (16 images each), so requests overlap in the engine whatever
-            # the random model's answer length (short greedy answers made a text question too quick to catch)
-            frames = list(range(16))
-            answers = list(pool.map(lambda _: client.post("/v1/check_camera_motion", json={
-                "sample": ref, "frame_indices": frames}), range(24)))
+            # the random model's answer length (short greedy answers made a text question too quick to catch).
+            # Each request starts at another frame: identical requests were served from vLLM's prefix cache
+            # once an earlier test had sent the same images, too fast to overlap (1 running, once in CI-like runs)
+            n = len(sample[2].frames)
+            answers = list(pool.map(lambda i: client.post("/v1/check_camera_motion", json={
+                "sample": ref, "frame_indices": [(i + k) % n for k in range(16)]}), range(24)))
         finally:
             stop.set()
             watcher.join()
