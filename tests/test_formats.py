@@ -243,3 +243,24 @@ def test_the_16_kb_8k_bomb_is_refused_in_under_a_second_and_200_mb(tmp_path):
     seconds, peak_mb, added_mb = map(float, figures.split())
     assert refused.startswith("refused") and "8192x4320" in refused
     assert seconds < 1.0 and peak_mb < 200 and added_mb < 20, (seconds, peak_mb, added_mb)
+
+
+def test_a_container_that_names_its_streams_only_when_probed_is_still_checked(tmp_path):
+    """MPEG-TS takes no per-stream probe options (PyAV raises ValueError): the budget is then checked after the
+    plain probe, and an oversized TS stream is still a TooLarge, not an 'undecodable' 400."""
+    import av
+
+    from sparkle.errors import TooLarge
+    from sparkle.media import read_video
+
+    path = tmp_path / "bomb.ts"
+    with av.open(str(path), mode="w", format="mpegts") as c:
+        s = c.add_stream("libx264", rate=16)
+        s.width, s.height, s.pix_fmt = 4096, 2304, "yuv420p"
+        for _ in range(2):
+            for packet in s.encode(av.VideoFrame.from_ndarray(np.zeros((2304, 4096, 3), np.uint8), format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    with pytest.raises(TooLarge, match="4096x2304"):
+        read_video(path)

@@ -15,6 +15,7 @@ background still visibly changes.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import cv2
 import numpy as np
@@ -159,17 +160,24 @@ GRADES = [
     (("cyberpunk", "neon", "synthwave"), neon),
     (("black and white", "monochrome", "noir"), monochrome),
 ]
-"""(trigger words, grade) rows; a row applies when any of its words occurs in the lower-cased instruction."""
+"""(trigger words, grade) rows; a row applies when any of its words occurs in the lower-cased instruction as a
+whole word (optionally with a plural ``s`` or an adjective ``y``: "snowy", "storms"; see :func:`grades_for`)."""
+
+
+def grades_for(instruction: str) -> list:
+    """The grades whose trigger words occur in ``instruction`` as whole words. Substrings matched before:
+    "falling" chose autumn, "office" snow, "train" overcast, "knight" night."""
+    text = instruction.lower()
+    return [grade for words, grade in GRADES
+            if any(re.search(rf"\b{re.escape(w)}(?:s|y)?\b", text) for w in words)]
 
 
 def regrade(image: np.ndarray, instruction: str) -> tuple[np.ndarray, list[str]]:
     """Re-grade ``(H, W, 3) uint8`` as the instruction says; returns the image and the grades applied."""
-    text = instruction.lower()
     applied = []
-    for words, grade in GRADES:
-        if any(w in text for w in words):
-            image = grade(image)
-            applied.append(grade.__name__)
+    for grade in grades_for(instruction):
+        image = grade(image)
+        applied.append(grade.__name__)
     if not applied:
         angle = 60 + int(hashlib.sha256(instruction.encode()).hexdigest(), 16) % 241
         image = _u8(_saturation(_f(_hue_shift(image, angle)), 1.2))

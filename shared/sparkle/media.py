@@ -73,8 +73,16 @@ def check_frame_pixels(width: int, height: int, what: str) -> None:
 def _check_declared_size(p: Path) -> None:
     """TooLarge if a video stream of ``p`` declares frames over :data:`MAX_FRAME_PIXELS`, read with FFmpeg's
     stream probe told not to decode (``skip_frame=all``): the probe of a plain open decodes a frame first,
-    90 MB for the issue's 16 KB 8192x4320 clip. Raises av errors for an unreadable file."""
-    with av.open(str(p), stream_options=[{"skip_frame": "all"}] * 16) as container:
+    90 MB for the issue's 16 KB 8192x4320 clip. A container that names its streams only once they are probed
+    (MPEG-TS, an MP4 without tracks) cannot take per-stream options: its size is checked after the plain
+    probe, as every stream was before. Raises av errors for an unreadable file."""
+    try:
+        container = av.open(str(p), stream_options=[{"skip_frame": "all"}] * 16)
+    except ValueError as exc:
+        if "stream_options" in str(exc):
+            return
+        raise
+    with container:
         for stream in container.streams.video:
             ctx = stream.codec_context
             if ctx is not None and ctx.width and ctx.height:

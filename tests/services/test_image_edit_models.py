@@ -234,3 +234,18 @@ def test_bad_requests(tmp_path, backend, juggle):
         r = client.post("/v1/edit_background", json={**base, "image": "s1/sliver.png", "instruction": "snow"})
         assert r.status_code == 400 and "8:1" in r.json()["detail"]
         assert not store.exists("s1/out.png")
+
+
+@pytest.mark.parametrize("instruction, grades", [
+    ("Replace the background with a snowy mountain village at dusk, with softly falling snow", ["snow", "dusk"]),
+    ("Put her in a modern office", []),          # "office" chose snow ("ice")
+    ("a busy train station", []),                # "train" chose overcast ("rain")
+    ("a castle where a knight stands guard", []),  # "knight" chose night
+    ("rainy streets at midnight", ["overcast", "night"]),
+    ("an autumn forest in the fall", ["autumn"]),
+])
+def test_grade_keywords_match_whole_words_only(instruction, grades):
+    """Issue 16: keywords matched inside words ("falling" -> autumn, "office" -> snow, ...)."""
+    from sparkle.services.image_edit.cpu import grades_for
+
+    assert [g.__name__ for g in grades_for(instruction)] == grades
