@@ -1076,3 +1076,45 @@ def test_open_event_streams_per_client_are_bounded(make_gateway, media):
     set_state(gw.store, sid, "rejected")  # ends the two streams
     for t in threads:
         t.join(10)
+
+
+def test_a_response_streamed_after_the_body_is_not_cut_by_the_body_timeouts():
+    """The body time-outs first also timed the wait for a disconnect that an event stream keeps open: an SSE
+    stream was cut after idle_s with a second (408) response. They end with the body now."""
+    import asyncio
+
+    from starlette.responses import StreamingResponse
+
+    from sparkle.serving import BodyLimit
+
+    async def chunks():
+        for i in range(5):
+            await asyncio.sleep(0.1)
+            yield f"event {i}\n".encode()
+
+    async def stream(scope, receive, send):
+        await StreamingResponse(chunks())(scope, receive, send)
+
+    app = BodyLimit(stream, limit=10**6, idle_s=0.2)
+    headers = [(b"content-type", b"application/json")]
+    sent = []
+
+    async def run():
+        read = []
+
+        async def receive():
+            if not read:
+                read.append(1)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.sleep(3600)  # a client that stays connected
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/jobs/x/events", "headers": headers,
+                 "query_string": b"", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+        await app(scope, receive, send)
+
+    asyncio.run(run())
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200]
+    assert b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").count(b"event") == 5

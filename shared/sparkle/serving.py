@@ -24,9 +24,9 @@ import logging
 import secrets
 import threading
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -35,8 +35,8 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ArtifactMissing, InputError, NotReady, TooLarge
-from .settings import resolve_key
 from .service import Operation, ServiceAPI, run_until
+from .settings import resolve_key
 
 log = logging.getLogger("sparkle.serving")
 
@@ -165,7 +165,8 @@ class BodyLimit:
     """ASGI middleware: 413 when a request body exceeds ``limit`` bytes, from the ``Content-Length`` header or,
     for a chunked body, by counting it as it streams (it was a 400 from the body parser); 408 when the client
     sends it too slowly: nothing for ``idle_s`` seconds, or less than ``min_rate`` bytes/s on average after the
-    first ``grace_s`` seconds (a slow-upload client held a connection open for ever)."""
+    first ``grace_s`` seconds (a slow-upload client held a connection open for ever). The time limits end with
+    the body: a response streamed afterwards (server-sent events) waits for the client's disconnect freely."""
 
     def __init__(self, app, limit: int, idle_s: float = 30.0, min_rate: float = 64 * 1024, grace_s: float = 60.0):
         self.app, self.limit = app, limit
@@ -177,13 +178,15 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and int(length) > self.limit:
             return await _answer(send, 413, f"request body larger than {self.limit} bytes")
-        seen, refused = 0, None
+        seen, refused, complete = 0, None, False
         started = time.monotonic()
 
         async def limited():
-            nonlocal seen, refused
+            nonlocal seen, refused, complete
             if refused:
                 return {"type": "http.disconnect"}
+            if complete:  # the body is in: later receives wait for a disconnect (an event stream), unlimited
+                return await receive()
             allowed = self.grace_s + seen / self.min_rate - (time.monotonic() - started)
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, min(self.idle_s, allowed)))
@@ -192,6 +195,7 @@ class BodyLimit:
                                 f"{self.min_rate / 1024:g} KiB/s after {self.grace_s:g} s)")
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     # The body parser would turn an exception into its own 400 ("error parsing the body"): end
