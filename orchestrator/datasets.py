@@ -429,10 +429,11 @@ def follow(celery_app, store: ArtifactStore, did: str, window: int | None = None
         sleep(poll_s)
 
 
-def dataset_status(store: ArtifactStore, did: str) -> dict:
+def dataset_status(store: ArtifactStore, did: str, ds: dict | None = None) -> dict:
     """``GET /v1/datasets/{id}``: totals, counts by state, the samples in flight and the stage funnel of the
-    finished samples. Raises KeyError for an unknown dataset."""
-    ds = read_dataset(store, did)
+    finished samples (``ds``: its ``dataset.json`` when the caller has read it already). Raises KeyError for an
+    unknown dataset."""
+    ds = ds or read_dataset(store, did)
     state = store.get_json(_dataset_prefix(did) + "state.json")
     finished = sum(state["counts"].values())
     return {"id": did, "total": ds["total"], "submitted": state["cursor"], "finished": finished,

@@ -134,6 +134,11 @@ async def _save_upload(upload: UploadFile, stem: Path, limit: int) -> Path:
     return path
 
 
+def _public(doc: dict) -> dict:
+    """A job or dataset document as the API shows it: without its ``owner`` (the key hash it belongs to)."""
+    return {k: v for k, v in doc.items() if k != "owner"}
+
+
 class IdempotencyConflict(Exception):
     """An ``Idempotency-Key`` reused with a different request (HTTP 422)."""
 
@@ -186,7 +191,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         """The caller (the hash of its API key; ``""`` when the gateway has no keys), authenticated by
         :class:`~sparkle.serving.ApiKeyAuth` before the body was read; 429 beyond its request rate."""
         who = request.state.principal
-        if not limiter.hit(who or request.client.host if request.client else who):
+        client = who or (request.client.host if request.client else "")  # an open gateway: by address
+        if not limiter.hit(client):
             raise HTTPException(429, f"more than {settings.gateway_rate_limit} requests",
                                 headers={"Retry-After": "1"})
         return who
@@ -200,7 +206,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
             raise HTTPException(404, f"no job {job_id!r}") from None
         if doc.get("owner", "") != who:
             raise HTTPException(404, f"no job {job_id!r}")
-        return {k: v for k, v in doc.items() if k != "owner"}
+        return _public(doc)
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -270,7 +276,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                 raise type(exc)(str(exc).replace(tmp + "/", "")) from None
             except Exception as exc:  # noqa: BLE001 - broker or store down: nothing was kept
                 _raise_unavailable(exc)
-        doc = {k: v for k, v in doc.items() if k != "owner"}
+        doc = _public(doc)
         return JSONResponse(doc, status_code=202 if created else 200, headers={"Location": f"/v1/jobs/{doc['id']}"})
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
@@ -282,31 +288,32 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
     async def existing_job(job_id: str, who: str = Depends(principal)) -> dict:
         return await asyncio.to_thread(job_or_404, job_id, who)
 
-    async def stream_slot(request: Request, doc: dict = Depends(existing_job)) -> dict:
-        """The job, and one of the caller's event-stream slots (released when its stream ends); 429 if none."""
-        if not limiter.open_stream(request.state.principal):
+    async def stream_slot(request: Request, doc: dict = Depends(existing_job)):
+        """The job, holding one of the caller's event-stream slots until its stream ends (FastAPI runs the
+        teardown after the response, disconnects included); 429 if none is free."""
+        who = request.state.principal
+        if not limiter.open_stream(who):
             raise HTTPException(429, f"more than {settings.gateway_max_streams} open event streams",
                                 headers={"Retry-After": "5"})
-        return doc
+        try:
+            yield doc
+        finally:
+            limiter.close_stream(who)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse)
     async def job_events(request: Request, job_id: str, poll_s: Annotated[float, Query(ge=0.5, le=30)] = 1.0,
                          doc: dict = Depends(stream_slot)):
         """Server-sent events: the job document each time it changes, until it is final (404 unknown job; 429
         beyond ``SPARKLE_GATEWAY_MAX_STREAMS`` open streams of one client). One store read per ``poll_s``."""
-        who = request.state.principal
-        try:
-            last = None
-            while True:
-                if doc["updated_at"] != last:
-                    last = doc["updated_at"]
-                    yield doc
-                if doc["state"] in jobs.TERMINAL:
-                    return
-                await asyncio.sleep(poll_s)
-                doc = await asyncio.to_thread(job_or_404, job_id, who)
-        finally:
-            limiter.close_stream(who)
+        last = None
+        while True:
+            if doc["updated_at"] != last:
+                last = doc["updated_at"]
+                yield doc
+            if doc["state"] in jobs.TERMINAL:
+                return
+            await asyncio.sleep(poll_s)
+            doc = await asyncio.to_thread(job_or_404, job_id, request.state.principal)
 
     @app.get("/v1/jobs/{job_id}/artifacts", tags=["jobs"])
     async def job_artifacts(job_id: str, expires_s: Annotated[int, Query(ge=1)] = 900,
@@ -336,7 +343,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         await asyncio.to_thread(job_or_404, job_id, who)
         try:
             doc = await asyncio.to_thread(jobs.request_cancel, store, job_id)
-            return {k: v for k, v in doc.items() if k != "owner"}
+            return _public(doc)
         except jobs.JobFinished as exc:
             raise HTTPException(409, str(exc)) from None
 
@@ -352,7 +359,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
             await asyncio.to_thread(datasets.drive, celery_app, ds["id"], resume=False)
         except Exception as exc:  # noqa: BLE001 - the dataset is registered: GET /v1/datasets/{id} drives it later
             _raise_unavailable(exc)
-        ds = {k: v for k, v in ds.items() if k != "owner"}
+        ds = _public(ds)
         return {**ds, "status": await asyncio.to_thread(datasets.dataset_status, store, ds["id"])}
 
     @app.get("/v1/datasets/{dataset_id}", tags=["datasets"])
@@ -360,9 +367,10 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         """Progress (``total``, ``submitted``, ``finished``, ``counts`` by state) and the stage ``funnel``. A
         run whose driver went quiet for a minute is driven again (with its in-flight samples resumed)."""
         try:
-            if (await asyncio.to_thread(datasets.read_dataset, store, dataset_id)).get("owner", "") != who:
+            ds = await asyncio.to_thread(datasets.read_dataset, store, dataset_id)
+            if ds.get("owner", "") != who:
                 raise KeyError(dataset_id)  # another client's dataset: as if it did not exist
-            status = await asyncio.to_thread(datasets.dataset_status, store, dataset_id)
+            status = await asyncio.to_thread(datasets.dataset_status, store, dataset_id, ds)
         except KeyError:
             raise HTTPException(404, f"no dataset {dataset_id!r}") from None
         if not status["done"] and time.time() - status["updated_at"] > 60:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+
+from fastapi import FastAPI, Request
 
 
 class LoopbackServer:
@@ -30,3 +33,42 @@ class LoopbackServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(5)
+
+
+class FakeOpenAIServer(LoopbackServer):
+    """TEST DOUBLE of ``vllm serve``: an OpenAI-compatible ``/v1/models`` (serving ``model``) and
+    ``/v1/chat/completions`` whose reply is ``answer(body)``, after ``delay_s`` seconds (many requests at once,
+    as vLLM batches them). Records every request body (``requests``) and the most requests in flight."""
+
+    def __init__(self, model: str, answer, delay_s: float = 0.0):
+        self.model, self.delay_s = model, delay_s
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+        app = FastAPI()
+
+        @app.get("/v1/models")
+        def models():
+            return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
+                                                "owned_by": "test-double"}]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            with self.lock:
+                self.requests.append(body)
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            await asyncio.sleep(self.delay_s)
+            with self.lock:
+                self.in_flight -= 1
+            return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": answer(body)}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+        self.serve(app)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

@@ -27,15 +27,15 @@ This module imports no web framework: queue workers and the orchestrator use it 
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 import functools
 import hashlib
 import json
 import threading
 import time
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any, Callable, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -45,28 +45,21 @@ from .backends import SampleContext
 from .errors import InputError, ServiceRejected
 from .store import ArtifactStore, staging_prefix
 
-
-
 _deadline = threading.local()
 
 
+@contextmanager
 def run_until(deadline: float | None):
-    """Context manager: the operations run in this thread should give up at ``deadline`` (``time.monotonic()``
-    seconds; None: no limit). The HTTP shell sets it to the request's time-out, so that work whose client got
-    a 504 stops at its next :func:`check_deadline` instead of running on (a ``bait`` request ran 210 s of CPU
-    after its 504)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def scope():
-        before = getattr(_deadline, "at", None)
-        _deadline.at = deadline
-        try:
-            yield
-        finally:
-            _deadline.at = before
-
-    return scope()
+    """The operations run in this thread (inside the ``with``) should give up at ``deadline``
+    (``time.monotonic()`` seconds; None: no limit). The HTTP shell sets it to the request's time-out, so that
+    work whose client got a 504 stops at its next :func:`check_deadline` instead of running on (a ``bait``
+    request ran 210 s of CPU after its 504)."""
+    before = getattr(_deadline, "at", None)
+    _deadline.at = deadline
+    try:
+        yield
+    finally:
+        _deadline.at = before
 
 
 def check_deadline(what: str) -> None:
@@ -75,6 +68,7 @@ def check_deadline(what: str) -> None:
     at = getattr(_deadline, "at", None)
     if at is not None and time.monotonic() > at:
         raise TimeoutError(f"{what}: the request's time is up; stopped")
+
 
 class Strict(BaseModel):
     """Unknown fields are refused (HTTP 422)."""

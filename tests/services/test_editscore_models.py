@@ -12,7 +12,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from sparkle.artifacts import ArtifactIO
@@ -367,52 +366,28 @@ def test_openai_judge_renders_editscores_template_and_samples_each_pass_with_its
     """``--option url=...``: the same scorer over a vLLM server. Each request renders EditScore's own template
     (``<img1>: `` image ``<img2>: `` image, then the prompt), samples as EditScore's vLLM backend (0.7, 0.9,
     top_k 20, 512 tokens) with seed 42 + pass, and the four passes average as in-process."""
-    import asyncio
     import base64
     import io as _io
-    import threading
 
     from PIL import Image
 
-    from ..loopback import LoopbackServer
+    from ..loopback import FakeOpenAIServer
 
-    class FakeServer(LoopbackServer):
-        """TEST DOUBLE of ``vllm serve``: answers by pass (the request's seed) and records every body."""
+    def answer(body: dict) -> str:
+        """By pass (the request's seed): the SC answer for the two-image prompt, the PQ answer for the other."""
+        i = body["seed"] - 42
+        if len([p for p in body["messages"][0]["content"] if p["type"] == "image_url"]) == 2:
+            return sc_answer(*FRAME0_PASSES[i][:2])
+        return '{"reasoning": "PQ", "score": [%d, 25]}' % FRAME0_PASSES[i][2]
 
-        def __init__(self):
-            self.bodies, self.lock = [], threading.Lock()
-            app = FastAPI()
-
-            @app.get("/v1/models")
-            def models():
-                return {"object": "list", "data": [{"id": real.SCORER_SERVED, "object": "model", "created": 0,
-                                                    "owned_by": "test"}]}
-
-            @app.post("/v1/chat/completions")
-            async def chat(request: Request):
-                body = await request.json()
-                with self.lock:
-                    self.bodies.append(body)
-                await asyncio.sleep(0.01)
-                i = body["seed"] - 42
-                sc = len([p for p in body["messages"][0]["content"] if p["type"] == "image_url"]) == 2
-                text = sc_answer(*FRAME0_PASSES[i][:2]) if sc else '{"reasoning": "PQ", "score": [%d, 25]}' % \
-                    FRAME0_PASSES[i][2]
-                return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-            self.serve(app)
-
-    with FakeServer() as server:
+    with FakeOpenAIServer(real.SCORER_SERVED, answer, delay_s=0.01) as server:
         scorer = real.make_backend(url=f"http://127.0.0.1:{server.port}")
         assert isinstance(scorer.judge, real.OpenAIJudge) and scorer.num_pass == 4
         scorer.setup()
         s = scorer.score_image(ctx_of(clip), clip.frames[0], clip.frames[1], INSTRUCTION, "edit_background")
         assert s.model_dump(exclude={"passes", "SC_reasoning", "PQ_reasoning"}) == README_FRAME0
-        assert sorted(b["seed"] for b in server.bodies) == [42, 42, 43, 43, 44, 44, 45, 45]
-        body = next(b for b in server.bodies if b["seed"] == 42 and len(b["messages"][0]["content"]) == 5)
+        assert sorted(b["seed"] for b in server.requests) == [42, 42, 43, 43, 44, 44, 45, 45]
+        body = next(b for b in server.requests if b["seed"] == 42 and len(b["messages"][0]["content"]) == 5)
         parts = body["messages"][0]["content"]
         assert [p["type"] for p in parts] == ["text", "image_url", "text", "image_url", "text"]
         assert (parts[0]["text"], parts[2]["text"]) == ("<img1>: ", "<img2>: ")

@@ -3,14 +3,12 @@ the vLLM adapter against a loopback OpenAI-compatible test double, and errors.""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
 import os
 import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +19,6 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sparkle.artifacts import ArtifactIO  # noqa: E402
@@ -35,7 +32,7 @@ from sparkle.services.grounding import real, tiny  # noqa: E402
 from sparkle.services.grounding.app import API  # noqa: E402
 from sparkle.store import LocalStore  # noqa: E402
 from ..conftest import REPO
-from ..loopback import LoopbackServer
+from ..loopback import FakeOpenAIServer
 
 VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
 JUGGLE = VIDEOS / "static_01_juggle.mp4"
@@ -375,43 +372,12 @@ def scripted_answer(body: dict) -> str:
     return "unexpected question"
 
 
-class FakeVLLMServer(LoopbackServer):
-    """TEST DOUBLE of ``vllm serve``: an OpenAI-compatible ``/v1/models`` + ``/v1/chat/completions`` on 127.0.0.1
-    (uvicorn in a thread) that answers with scripted completions and records every request body."""
+class FakeVLLMServer(FakeOpenAIServer):
+    """TEST DOUBLE of ``vllm serve`` for Qwen3-VL: :class:`~tests.loopback.FakeOpenAIServer` answering with the
+    scripted completions above."""
 
     def __init__(self, model: str = real.MODEL_ID, delay_s: float = 0.0):
-        self.model, self.delay_s = model, delay_s
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        self.in_flight = self.most_in_flight = 0
-        app = FastAPI()
-
-        @app.get("/v1/models")
-        def models():
-            return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
-                                                "owned_by": "test-double"}]}
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request):
-            body = await request.json()
-            with self.lock:
-                self.requests.append(body)
-                self.in_flight += 1
-                self.most_in_flight = max(self.most_in_flight, self.in_flight)
-            await asyncio.sleep(self.delay_s)  # a model's time per answer, many answers at once (vLLM batches)
-            with self.lock:
-                self.in_flight -= 1
-            return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": scripted_answer(body)}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-        self.serve(app)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
+        super().__init__(model, scripted_answer, delay_s)
 
 
 @pytest.fixture(scope="module")
