@@ -82,7 +82,6 @@ class _QoS(kombu_redis.QoS):
             self._delivered.clear()
             return None
 
-
     def ack(self, delivery_tag):
         """kombu's, except on a channel closed by a lost connection (see :meth:`_closed`)."""
         try:

@@ -474,14 +474,15 @@ def dataset_tick_task(self: SparkleTask, dataset_id: str, resume: bool = False, 
     without end, with exponential back-off (2 s doubling to 120 s) and full jitter."""
     client = liveness.redis_of(self.app)
     key = chain_key(dataset_id)
-    if token is not None and (client.get(key) or b"").decode() != token:
+    ours = token is not None and (client.get(key) or b"").decode() == token
+    if token is not None and not ours:
         return {"id": dataset_id, "skipped": "another tick chain drives this dataset"}
     state = dataset_tick(self.app, self.store, dataset_id, resume=resume)
     if state["done"]:
-        if token is not None and (client.get(key) or b"").decode() == token:
+        if ours:
             client.delete(key)
         client.srem(ACTIVE, dataset_id)
-    elif token is not None:
+    elif ours:
         client.set(key, token, px=int(CHAIN_TTL_S * 1000))
         self.apply_async(args=[dataset_id], kwargs={"every_s": every_s, "token": token}, countdown=every_s,
                          queue=CPU_QUEUE, ignore_result=True)
@@ -510,8 +511,5 @@ def revive_chains(celery_app) -> list[str]:
     """The reaper's part for bulk runs: restart the tick chain of every driven dataset whose chain went quiet
     (its message lost with a worker, or to a Redis restart); returns their ids."""
     client = liveness.redis_of(celery_app)
-    revived = []
-    for did in sorted(m.decode() for m in client.smembers(ACTIVE)):
-        if not client.exists(chain_key(did)) and drive(celery_app, did, resume=True):
-            revived.append(did)
-    return revived
+    return [did for did in sorted(m.decode() for m in client.smembers(ACTIVE))
+            if drive(celery_app, did, resume=True)]  # SET NX: a live chain is left alone

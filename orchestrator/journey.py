@@ -216,10 +216,7 @@ def stage_task(self: SparkleTask, sample_id: str, stage: str) -> dict:
             result = advance(self.app, self.resources.io, sample_id, stage, s.op_wait_s)
         except BaseException:
             if took:  # stop renewing whatever happens (a lease renewed for ever hides a dead journey)
-                try:
-                    lease.release(quiet=True)
-                except Exception:  # noqa: BLE001 - Redis away: the lease expires by itself
-                    pass
+                lease.release(quiet=True)
             raise
         try:
             lease.release()

@@ -116,8 +116,8 @@ class RedisLock(AbstractContextManager):
         return True
 
     def release(self, quiet: bool = False) -> None:
-        """Stop renewing and release. Raises RuntimeError if the lease was lost while held (unless ``quiet``:
-        the caller is already failing)."""
+        """Stop renewing and release. Raises RuntimeError if the lease was lost while held. ``quiet`` (the caller
+        is already failing) raises nothing: a lost lease, or Redis unreachable (the key then expires by itself)."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
@@ -128,6 +128,9 @@ class RedisLock(AbstractContextManager):
         except LockNotOwnedError as err:
             if not quiet:
                 raise RuntimeError(f"lease of lock {self.key!r} was lost while held ({self._lost!r})") from err
+        except Exception:  # noqa: BLE001 - Redis away
+            if not quiet:
+                raise
 
     def __enter__(self):
         if not self.acquire():
