@@ -32,6 +32,7 @@ COPY shared ./shared
 COPY orchestrator ./orchestrator
 COPY services ./services
 RUN pip install --no-deps . \
+    && sparkle fetch-models \
     && useradd --create-home --uid 10001 sparkle
 
 USER sparkle

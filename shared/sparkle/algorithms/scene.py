@@ -1,12 +1,17 @@
-"""Classical scene analysis of a fixed-camera clip, shared by the ``cpu`` backends.
+"""Scene analysis of a fixed-camera clip, shared by the ``cpu`` backends.
 
+- Person evidence: MediaPipe's selfie segmentation (:mod:`sparkle.algorithms.person`) on every frame. A frame's
+  person mask counts only where the evidence is confident (components of probability > 0.5 whose mean
+  probability is >= ``PERSON_MIN_CONFIDENCE`` and whose area is >= 0.2 % of the frame); elsewhere (no person,
+  a headless torso the network does not see) the motion / GrabCut path below decides, frame by frame.
 - Temporal background model: the per-pixel median of the frames, refined once by the median of the
   pixels *not* flagged as foreground (a subject that stands still in most frames otherwise leaves a ghost
   in a plain median).
 - Foreground (motion) masks: max-channel distance to the background model above ``diff_threshold``
   grey levels, opened/closed and hole-filled.
-- Clean plate: the masked temporal median (median over the frames where a pixel is not foreground), and
-  Telea inpainting (OpenCV) where the background was never seen.
+- Subjects: the person mask united with the motion components it does not explain (a ball, a dog, cups).
+- Clean plate: the masked temporal median over the frames where a pixel is not a subject (the person masks
+  and the motion boxes, dilated), and Telea inpainting (OpenCV) only where the background was never seen.
 
 Work happens at ``work_short_side`` px (short side) for speed; boxes and masks are returned at full size.
 """
@@ -16,8 +21,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..boxes import expand
+from ..boxes import expand, mask_box
 
+PERSON_MIN_CONFIDENCE = 0.75
+"""Mean person probability a person-mask component needs to count as evidence (measured: 0.93-0.98 on the
+people of the released Sparkle clips and the juggle clip, under 0.6 on the spurious blobs the network gives
+on textured backgrounds)."""
 
 
 def masked_median(frames: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +119,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 class SceneModel:
     """Background model and motion masks of ``frames`` ``(T, H, W, 3) uint8`` from a fixed camera."""
 
-    def __init__(self, frames: np.ndarray, work_short_side: int = 180, diff_threshold: int = 28):
+    def __init__(self, frames: np.ndarray, work_short_side: int = 180, diff_threshold: int = 28,
+                 persons: bool = True):
         self.full_shape = frames.shape[:3]
         t, h, w = self.full_shape
         self.scale = min(1.0, work_short_side / min(h, w))
@@ -120,16 +130,62 @@ class SceneModel:
         k = max(3, round(0.012 * min(self.size)) | 1)
         self._open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
         self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
+        self.person_prob = np.zeros(self.small.shape[:3], np.float32)
+        if persons:
+            from .person import person_segmenter
+
+            self.person_prob = person_segmenter().probabilities(self.small)
+        self.person = np.stack([self._confident_persons(p) for p in self.person_prob])  # (T, h, w) bool
         background = np.median(self.small, axis=0).astype(np.uint8)
-        fg = self._motion(background)
+        fg = self._motion(background) | self.person
         self.background, _ = masked_median(self.small, fg)
         self.fg = self._motion(self.background)
         # A subject that mostly stands still stays in the medians above as a ghost: rebuild the background
-        # with the clean-plate cascade (boxes over time, then motion, then inpainting of frame 0's subject)
-        # and measure motion against it, so that the still parts count as foreground too.
-        self.background = cascade_plate(self.small, self.object_masks(), self.fg,
-                                        self.segment(0, self.boxes(0)))
+        # with the clean-plate cascade (boxes over time and persons, then motion, then inpainting of frame 0's
+        # subject) and measure motion against it, so that the still parts count as foreground too.
+        self.background = cascade_plate(self.small, self.object_masks() | self.person, self.fg | self.person,
+                                        self.subjects(0))
         self.fg = self._motion(self.background)  # (T, h, w) bool at work scale
+
+    def _confident_persons(self, prob: np.ndarray, min_area_frac: float = 0.002) -> np.ndarray:
+        """The components of ``prob > 0.5`` ``(h, w)`` that are confident and large enough, ``(h, w)`` bool."""
+        n, labels, stats, _ = cv2.connectedComponentsWithStats((prob > 0.5).astype(np.uint8), connectivity=8)
+        if n <= 1:
+            return np.zeros(prob.shape, bool)
+        sums = np.bincount(labels.ravel(), weights=prob.ravel(), minlength=n)
+        keep = (stats[:, cv2.CC_STAT_AREA] >= min_area_frac * prob.size) & \
+               (sums / np.maximum(stats[:, cv2.CC_STAT_AREA], 1) >= PERSON_MIN_CONFIDENCE)
+        keep[0] = False
+        return keep[labels]
+
+    def person_boxes(self, t: int) -> list[tuple[int, int, int, int]]:
+        """Full-size pixel boxes of the confident person components of frame ``t``, largest first."""
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(self.person[t].astype(np.uint8), connectivity=8)
+        order = sorted(range(1, n), key=lambda i: -stats[i, cv2.CC_STAT_AREA])
+        return [self._full_box(mask_box(labels == i)) for i in order]
+
+    def _full_box(self, b: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        _, h, w = self.full_shape
+        return (max(0, int(b[0] / self.scale)), max(0, int(b[1] / self.scale)),
+                min(w, int(np.ceil(b[2] / self.scale))), min(h, int(np.ceil(b[3] / self.scale))))
+
+    def objects(self, t: int) -> list[tuple[str, tuple[int, int, int, int]]]:
+        """The subjects of frame ``t``: ``("person", box)`` for each confident person component, then
+        ``("moving object", box)`` for each motion component (:meth:`boxes`) whose pixels outside the persons
+        (grown by 3 % of the short side) still make a component; boxes are full-size pixels, largest first."""
+        found = [("person", b) for b in self.person_boxes(t)]
+        if not self.person[t].any():
+            return found + [("moving object", b) for b in self.boxes(t)]
+        r = max(2, round(0.03 * min(self.size)))
+        grown = cv2.dilate(self.person[t].astype(np.uint8),
+                           cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))) > 0
+        return found + [("moving object", b) for b in self.boxes(t, exclude=grown)]
+
+    def subjects(self, t: int) -> np.ndarray:
+        """Frame ``t``'s subjects at work scale, ``(h, w)`` bool: the persons united with the motion objects
+        segmented from their boxes."""
+        movers = [b for kind, b in self.objects(t) if kind == "moving object"]
+        return self.person[t] | (self.segment(t, movers) if movers else False)
 
     def _motion(self, background: np.ndarray) -> np.ndarray:
         out = np.empty(self.small.shape[:3], bool)
@@ -142,7 +198,8 @@ class SceneModel:
         return out
 
     def to_full(self, mask_small: np.ndarray) -> np.ndarray:
-        """Upsample a work-scale ``(h, w)`` bool mask to full size ``(H, W)`` bool (bilinear, 0.5 threshold)."""
+        """Upsample a work-scale ``(h, w)`` bool or soft (0..1 float) mask to full size ``(H, W)`` bool (bilinear,
+        0.5 threshold)."""
         _, h, w = self.full_shape
         return cv2.resize(mask_small.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
 
@@ -151,14 +208,15 @@ class SceneModel:
         return self.to_full(self.fg[t])
 
     def boxes(self, t: int, min_area_frac: float = 0.002, max_box_frac: float = 0.5,
-              max_objects: int = 8) -> list[tuple[int, int, int, int]]:
+              max_objects: int = 8, exclude: np.ndarray | None = None) -> list[tuple[int, int, int, int]]:
         """Pixel boxes (full size) of the motion components of frame ``t``, largest first.
 
         Components closer than ~3 % of the short side are merged (limbs, a held object). A component whose
         box covers more than ``max_box_frac`` of the frame is camera motion or a light change, not a subject,
-        and is left out; so are components under ``min_area_frac`` of the frame.
+        and is left out; so are components under ``min_area_frac`` of the frame. ``exclude`` ``(h, w)`` bool
+        (work scale): pixels that do not count (those a person already explains).
         """
-        m = self.fg[t].astype(np.uint8)
+        m = (self.fg[t] & ~exclude if exclude is not None else self.fg[t]).astype(np.uint8)
         r = max(2, round(0.03 * min(self.size)))
         merged = cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
         n, labels, stats, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
@@ -178,6 +236,12 @@ class SceneModel:
                                  min(h, int(np.ceil(box[3]))))))
         found.sort(key=lambda a: -a[0])
         return [b for _, b in found[:max_objects]]
+
+    def moving_in(self, t: int, box: tuple[int, int, int, int]) -> float:
+        """Fraction of the full-size pixel ``box`` that moves or is a confident person in frame ``t``."""
+        x1, y1, x2, y2 = self.small_box(box)
+        region = self.fg[t, y1:y2, x1:x2] | self.person[t, y1:y2, x1:x2]
+        return float(region.mean()) if region.size else 0.0
 
     def small_box(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         """A full-size pixel box at work scale."""
@@ -222,8 +286,10 @@ class SceneModel:
         subject that stands still while whole boxes over-cover busy places:
         1. median over frames where the pixel is outside :meth:`object_masks` (boxes united over time);
         2. where 1 never saw the background, median over frames where it is not moving;
-        3. inpainting where 2 never saw it either, or where frame 0's segmented subject stands (a subject
-           that never moves is not background however often it is "seen").
+        3. inpainting where 2 never saw it either, or where frame 0's subjects stand (a subject that never
+           moves is not background however often it is "seen").
+        The person masks count in 1 and 2: a talking head's body is never "background" (measured on two
+        released Sparkle clips: 0.90 and 0.72 of the subject region stayed subject-coloured with motion alone).
         Masks are dilated by ``dilate_px`` so that soft edges and shadows' rims do not leak into the plate.
         """
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
@@ -236,8 +302,8 @@ class SceneModel:
             if never.any():
                 plate = cv2.inpaint(plate, never.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
             return plate
-        subject = full(self.segment(0, self.boxes(0))[None])[0]
-        return cascade_plate(frames, full(self.object_masks()), full(self.fg), subject)
+        subject = full(self.subjects(0)[None])[0]
+        return cascade_plate(frames, full(self.object_masks() | self.person), full(self.fg | self.person), subject)
 
 
 def scene_of(ctx) -> SceneModel:
@@ -248,12 +314,12 @@ def scene_of(ctx) -> SceneModel:
 
 
 def frame0_foreground(ctx) -> np.ndarray:
-    """Frame 0's foreground ``(H, W)`` bool: the BAIT mask once known, else the motion boxes segmented."""
+    """Frame 0's foreground ``(H, W)`` bool: the BAIT mask once known, else :meth:`SceneModel.subjects`."""
     if ctx.mask is not None:
         return ctx.mask[0]
     if "frame0_foreground" not in ctx.cache:
         scene = scene_of(ctx)
-        ctx.cache["frame0_foreground"] = scene.to_full(scene.segment(0, scene.boxes(0)))
+        ctx.cache["frame0_foreground"] = scene.to_full(scene.subjects(0))
     return ctx.cache["frame0_foreground"]
 
 
