@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# The demo is a real replacement: the cpu profile cannot paint a new place from words (it can only re-grade the
+# source's scene), so the new background is a real clip from ../shared/data, played back and forth.
 CLIP   ?= ../shared/data/videos/static_01_juggle.mp4
-PROMPT ?= Replace the background with a snowy mountain village at dusk, with softly falling snow
+BACKGROUND ?= ../shared/data/videos/static_03_pedestrians_vtest.mp4
+PROMPT ?= Replace the background with a busy town square with people walking by
 OUT    ?= out
 
 .PHONY: install install-all demo test test-chaos test-vllm vllm-env bench clean
@@ -24,6 +27,7 @@ $(VENV)/.venv-created:
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.venv-created
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/sparkle fetch-models
 	@touch $@
 
 $(VENV)/.installed-all: pyproject.toml $(VENV)/.installed
@@ -31,7 +35,8 @@ $(VENV)/.installed-all: pyproject.toml $(VENV)/.installed
 	@touch $@
 
 demo: install
-	$(BIN)/sparkle replace $(CLIP) "$(PROMPT)" -o $(OUT)
+	$(BIN)/sparkle replace $(CLIP) "$(PROMPT)" --background $(BACKGROUND) -o $(OUT)
+	$(BIN)/sparkle contact-sheet $(OUT)
 
 # The S3-store tests start their own redis-server (Debian's package) on a free port.
 test: install-all

@@ -115,10 +115,19 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
     An accepted sample is published (its record document) and ``out_dir``'s shared layout files are then
     materialised, so the folder is the released layout after every call.
 
-    Raises InputError on bad input, before anything is written to ``out_dir``.
+    Raises InputError on bad input, before anything is written to ``out_dir``; on the ``cpu`` profile, also
+    for an edit it cannot honestly do without a user ``background`` (a ``location`` edit, or an instruction
+    none of its re-grades covers: :func:`sparkle.services.image_edit.cpu.needs_background`).
     """
     prompt = validate_inputs(video, prompt, edit_type, background)
     config = config or PipelineConfig()
+    cpu_editor = backends.image_edit.name == "cpu-layer-compositor" if backends else config.profile == "cpu"
+    if cpu_editor and background is None:
+        from sparkle.services.image_edit.cpu import needs_background
+
+        if why := needs_background(prompt, edit_type):
+            raise InputError(f"{why}: give the new background (sparkle replace --background IMAGE|VIDEO, a video "
+                             "is played back and forth; bench infer --use-ref-images), or use --profile real")
     backends = backends or load_backends(config.profile)
     store = LocalStore(out_dir)
     video = Path(video)

@@ -23,6 +23,11 @@ REFERENCE = Path(os.environ.get("SPARKLE_REFERENCE", REPO.parent / "shared" / "r
 RELEASED = Path(os.environ.get("SPARKLE_RELEASED_PAIRS", REPO.parent / "shared" / "data" / "sparkle"))
 """Four released Sparkle pairs (``*_source.mp4``, ``*_edited.mp4``: 1280x720, 16 fps, 81 frames; see SOURCES.md)."""
 SNOW_PROMPT = "Replace the background with a snowy mountain village at dusk, with softly falling snow"
+DEMO_PROMPT = "Replace the background with a busy town square with people walking by"
+"""The README's main job (``make demo``): the juggler over the pedestrians clip, a real replacement (the cpu
+profile refuses a location edit it would have to paint from words)."""
+BG_IMAGE = VIDEOS / "static_01_juggle_frame0.png"
+"""A user background image for cpu runs of location edits."""
 
 
 def sparkle(*args: str | Path, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -48,7 +53,7 @@ def pytest_configure(config):
 def juggle_run(tmp_path_factory):
     """The README's main job on the juggle clip, through the CLI with --json: (summary, out_dir)."""
     out = tmp_path_factory.mktemp("juggle")
-    proc = sparkle("replace", JUGGLE, SNOW_PROMPT, "-o", out, "--json", check=True)
+    proc = sparkle("replace", JUGGLE, DEMO_PROMPT, "--background", PEDESTRIANS, "-o", out, "--json", check=True)
     return json.loads(proc.stdout), out
 
 

@@ -8,6 +8,7 @@ import base64
 import csv
 import hashlib
 import json
+import shutil
 import sys
 import threading
 import time
@@ -90,10 +91,19 @@ COPY = f"{sys.executable} -c \"import shutil, sys; shutil.copy(sys.argv[1], sys.
 
 @pytest.fixture(scope="module")
 def cpu_ckpt(bench_dir, tmp_path_factory) -> tuple[Path, float]:
-    """``bench infer --profile cpu`` over the whole benchmark: (save_dir, seconds)."""
+    """``bench infer --profile cpu --use-ref-images`` over the whole benchmark: (save_dir, seconds). The cpu
+    profile cannot paint a location from words, so this copy of the benchmark has a reference image for
+    every sample (without one a location sample fails: see the test below)."""
     save = tmp_path_factory.mktemp("ckpt_cpu")
+    root = tmp_path_factory.mktemp("bench_with_refs")
+    shutil.copytree(bench_dir, root, dirs_exist_ok=True)
+    for sid, (theme, clip, _, _) in SAMPLES.items():
+        ref = root / "ref_images" / theme / f"{sid}.png"
+        if not ref.exists():
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            write_png(ref, read_video(PEDESTRIANS, max_frames=1).frames[0])
     started = time.perf_counter()
-    result = invoke("bench", "infer", bench_dir, "--save-dir", save, "--profile", "cpu")
+    result = invoke("bench", "infer", root, "--save-dir", save, "--profile", "cpu", "--use-ref-images")
     assert result.exit_code == 0, result.output
     assert "done 3, skipped 0, failed 0" in result.stdout
     return save, time.perf_counter() - started
@@ -172,6 +182,15 @@ def test_infer_cpu_profile_writes_the_layout_at_15_fps_and_skips_on_rerun(bench_
     assert again.exit_code == 0 and "done 0, skipped 3, failed 0" in again.stdout
     assert {sid: expected_path(save, sid).stat().st_mtime_ns for sid in SAMPLES} == before
     print(f"bench infer --profile cpu, 3 clips of {FRAMES} frames: {seconds:.1f} s")
+
+
+def test_infer_cpu_profile_fails_a_location_sample_without_a_reference_image(bench_dir, tmp_path):
+    """The cpu profile refuses to fake a location edit (it would only re-grade the source): the sample is
+    counted as failed with the reason, and the season sample is still done."""
+    result = invoke("bench", "infer", bench_dir, "--save-dir", tmp_path / "ckpt", "--profile", "cpu",
+                    "--theme", "location")
+    assert result.exit_code == 3 and "done 0, skipped 0, failed 2" in result.stdout, result.output
+    assert "location edit asks for another place" in result.output and "--use-ref-images" in result.output
 
 
 def test_infer_command_shards_by_rank_and_passes_placeholders(bench_dir, tmp_path):

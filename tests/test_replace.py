@@ -17,8 +17,9 @@ from sparkle.errors import InputError
 from sparkle.masks import unpack_mask
 from sparkle.media import fit_to, read_image, read_video
 from sparkle.orchestrator.local import replace_one
+from sparkle.orchestrator.pipeline import summary as task_summary
 
-from .conftest import HANDHELD, JUGGLE, PEDESTRIANS, SNOW_PROMPT, VIDEOS, sparkle
+from .conftest import BG_IMAGE, DEMO_PROMPT, HANDHELD, JUGGLE, PEDESTRIANS, SNOW_PROMPT, VIDEOS, sparkle
 
 # Bounds of the pair check, in mean absolute RGB difference (grey levels, 0..255) per frame.
 # Inside the mask (eroded 3 px, away from the 1.5 px feather) the cpu compositor only harmonises colour
@@ -78,10 +79,10 @@ def test_main_job_publishes_every_artifact_in_the_sparkle_layout(juggle_run):
     with open(out / layout.prompts_csv(et), newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["prompt", "src_video", "tgt_video", "task"]
-    assert rows == [{"prompt": SNOW_PROMPT, "src_video": f"location/source_video/{sid}.mp4",
+    assert rows == [{"prompt": DEMO_PROMPT, "src_video": f"location/source_video/{sid}.mp4",
                      "tgt_video": f"location/edited_video/{sid}.mp4", "task": sid}]
     meta = [json.loads(line) for line in (out / layout.prompts_metadata(et)).read_text().splitlines()]
-    assert meta[0]["id"] == sid and meta[0]["prompt"] == SNOW_PROMPT
+    assert meta[0]["id"] == sid and meta[0]["prompt"] == DEMO_PROMPT
     assert set(meta[0]["metadata"]) == {"edit_type", "chosen_keyword", "original_scene"}
     subtheme, scene = meta[0]["metadata"]["chosen_keyword"].split(": ")
     assert subtheme and scene and meta[0]["metadata"]["original_scene"]
@@ -99,9 +100,12 @@ def test_the_five_records_follow_the_sparkle_schema(juggle_run):
     image_keys = {"prompt_following", "consistency", "perceptual_quality", "overall", "SC_reasoning", "PQ_reasoning"}
     for name, threshold in (("edited_frame0_score", 8.0), ("edited_frame0_foreground_removed_score", 8.5)):
         r = one(name)
-        assert r["id"] == sid and r["prompt"] == SNOW_PROMPT and r["scorer"] == "cpu-proxy-v1"
+        assert r["id"] == sid and r["prompt"] == DEMO_PROMPT and r["scorer"] == "cpu-proxy-v2"
         assert set(r["editscore"]) == image_keys
-        assert all(0 <= r["editscore"][k] <= 10 for k in image_keys if not k.endswith("reasoning"))
+        assert r["editscore"]["prompt_following"] is None  # not measured by the cpu proxy, not claimed
+        assert "instruction following not measured" in r["editscore"]["SC_reasoning"]
+        assert all(0 <= r["editscore"][k] <= 10 for k in image_keys - {"prompt_following"}
+                   if not k.endswith("reasoning"))
         assert r["editscore"]["overall"] >= threshold  # it was accepted, so it passed its gate
 
     r1, r2 = one("foreground_grounding_r1"), one("foreground_grounding_r2")
@@ -155,7 +159,7 @@ def test_json_summary_reports_every_stage(juggle_run):
 
 
 def test_handheld_clip_is_refused_with_a_clear_message(tmp_path):
-    proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path)
+    proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "--background", BG_IMAGE, "-o", tmp_path)
     assert proc.returncode == 3
     assert "camera moves" in proc.stdout and "--force" in proc.stdout
     assert dataset_files(tmp_path) == []
@@ -170,7 +174,7 @@ def _strict(constant: str):
 def test_json_summary_is_strict_json_even_with_unmeasured_metrics(tmp_path):
     """The refused handheld clip's camera metrics hold an unmeasurable value (NaN in Python): ``--json``
     prints it as null, which every JSON parser reads (``NaN`` is refused by strict ones: jq, JavaScript)."""
-    proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path, "--json")
+    proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "--background", BG_IMAGE, "-o", tmp_path, "--json")
     assert proc.returncode == 3
     summary = json.loads(proc.stdout, parse_constant=_strict)
     camera = summary["stages"][1]
@@ -178,7 +182,7 @@ def test_json_summary_is_strict_json_even_with_unmeasured_metrics(tmp_path):
 
 
 def test_force_keeps_a_handheld_clip(tmp_path):
-    proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path, "--force",
+    proc = sparkle("replace", HANDHELD, "Replace the background with a beach", "--background", BG_IMAGE, "-o", tmp_path, "--force",
                    "--max-size", "416x240", "--json")
     summary = json.loads(proc.stdout)
     camera, fine = summary["stages"][1], summary["stages"][2]
@@ -235,26 +239,32 @@ def test_a_failure_mid_journey_publishes_nothing(tmp_path):
     backends = load_backends("cpu")
     backends.tracking = ExplodingTracker()
     with pytest.raises(RuntimeError, match="tracker crashed"):
-        replace_one(PEDESTRIANS, "Replace the background with a beach", tmp_path, backends=backends)
+        replace_one(PEDESTRIANS, "Replace the background with a beach", tmp_path, backends=backends,
+                    background=BG_IMAGE)
     assert dataset_files(tmp_path) == []
     assert not (tmp_path / "reports").exists()
 
 
 def test_gates_reject_and_no_gates_keeps(tmp_path):
-    env = {"SPARKLE_GATES__FRAME0_EDIT_MIN_OVERALL": "10"}
-    args = ["replace", PEDESTRIANS, "Replace the background with a beach", "-o", tmp_path, "--json"]
-    strict = sparkle(*args, env=env)
+    """A flat grey background is a broken edit: the frame-0 gate refuses it (no detail where the background
+    was); with --no-gates the sample is kept and the refusals are recorded as not enforced."""
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.full((240, 416, 3), 128, np.uint8))
+    args = ["replace", JUGGLE, "Replace the background with a grey studio wall", "--background", grey,
+            "--max-size", "416x240", "-o", tmp_path / "out", "--json"]
+    strict = sparkle(*args)
     assert strict.returncode == 3
     s = json.loads(strict.stdout)
-    assert s["status"] == "rejected" and "stage 2 (frame0_edit)" in s["reason"] and "< 10.0" in s["reason"]
-    assert dataset_files(tmp_path) == []
-    lenient = sparkle(*args, "--no-gates", env=env)
+    assert s["status"] == "rejected" and "stage 2 (frame0_edit)" in s["reason"] and "< 8.0" in s["reason"]
+    assert "background detail" in s["records"]["edited_frame0_score"]["editscore"]["PQ_reasoning"]
+    assert dataset_files(tmp_path / "out") == []
+    lenient = sparkle(*args, "--no-gates")
     assert lenient.returncode == 0, lenient.stderr
     s = json.loads(lenient.stdout)
     assert s["id"] == "Sparkle_location_000001"  # the rejected sample kept its id
     edit = next(d for d in s["stages"] if d["name"] == "frame0_edit")
     assert not edit["accepted"] and "not enforced" in edit["reason"]
-    assert len(dataset_files(tmp_path)) > 10
+    assert len(dataset_files(tmp_path / "out")) > 10
 
 
 def test_user_background_image_and_video(tmp_path):
@@ -287,14 +297,31 @@ def test_python_api_validates_like_the_cli(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+class FrozenSynthesis:
+    """Test double: the cpu compositor's output with frame 0 held for the whole clip (a frozen video)."""
+
+    name = "frozen-test-double"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def setup(self):
+        pass
+
+    def synthesize(self, ctx, control, background, first_frame, mask, prompt):
+        out = self.inner.synthesize(ctx, control, background, first_frame, mask, prompt)
+        return np.repeat(out[:1], len(out), axis=0)
+
+
 def test_funnel_counts_every_stage_and_rejected_samples_keep_their_records(tmp_path):
-    refused = sparkle("replace", HANDHELD, "Replace the background with a beach", "-o", tmp_path)
+    refused = sparkle("replace", HANDHELD, "Replace the background with a beach", "--background", BG_IMAGE, "-o", tmp_path)
     assert refused.returncode == 3
-    env = {"SPARKLE_GATES__VIDEO_MIN_MEAN_O_SCORE": "10"}
-    late = sparkle("replace", PEDESTRIANS, "Replace the background with a beach", "-o", tmp_path, "--json", env=env)
-    assert late.returncode == 3
-    s = json.loads(late.stdout)
-    assert "stage 5 (synthesis)" in s["reason"]
+    backends = load_backends("cpu")
+    backends.control = FrozenSynthesis(backends.control)  # a broken stage-5 output: the video gate refuses it
+    task, _ = replace_one(PEDESTRIANS, "Replace the background with a beach", tmp_path, background=BG_IMAGE,
+                          backends=backends)
+    s = task_summary(task)
+    assert task.status == "rejected" and "stage 5 (synthesis)" in s["reason"]
     assert set(s["records"]) == set(layout.RECORD_NAMES)  # every record survives the rejection...
     report = json.loads((tmp_path / layout.report("location", s["id"])).read_text())
     # the 6 s 10 fps clip is 81 frames at 16 fps: Sparkle's own indices
@@ -312,7 +339,7 @@ def test_funnel_counts_every_stage_and_rejected_samples_keep_their_records(tmp_p
 
 
 def test_control_mode_is_selectable(tmp_path):
-    task, store = replace_one(PEDESTRIANS, "Replace the background with a beach", tmp_path,
+    task, store = replace_one(PEDESTRIANS, "Replace the background with a beach", tmp_path, background=BG_IMAGE,
                               config=PipelineConfig(control={"mode": "copy_paste"}))
     assert task.status == "accepted"
     control = read_video(store.path(layout.canny_video("location", task.id))).frames
@@ -377,7 +404,8 @@ def test_i2v_gets_the_background_caption_and_control_the_video_caption(tmp_path)
     backends.i2v = RecordingPrompts(backends.i2v, "animate")
     backends.control = RecordingPrompts(backends.control, "synthesize")
     config = PipelineConfig(conform={"max_long_side": 320, "max_short_side": 192, "max_frames": 17})
-    task, _ = replace_one(PEDESTRIANS, prompt, tmp_path, enforce_gates=False, config=config, backends=backends)
+    task, _ = replace_one(PEDESTRIANS, prompt, tmp_path, enforce_gates=False, config=config, backends=backends,
+                          background=BG_IMAGE)
     assert task.status == "accepted", task.reason
     labels = task.records["foreground_grounding_r1"]["round1_labels"]
     assert labels and task.captions["source"] == "rules"
@@ -389,3 +417,15 @@ def test_i2v_gets_the_background_caption_and_control_the_video_caption(tmp_path)
                           "fixed camera.")
     report = json.loads((tmp_path / layout.report("location", task.id)).read_text())
     assert report["captions"] == task.captions
+
+
+def test_a_background_video_longer_than_the_clip_is_cut_not_refused(tmp_path):
+    """--max-frames 17 with a 60-frame background video: the background's first frames are used (before, the
+    in-process services refused it as 'more than 17 frames')."""
+    proc = sparkle("replace", JUGGLE, "Replace the background with a town square", "--background", PEDESTRIANS,
+                   "--max-frames", "17", "--max-size", "416x240", "-o", tmp_path, "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads(proc.stdout)
+    assert s["shape"] == [17, 224, 416]
+    bg = read_video(s["artifacts"]["background_video"]).frames
+    assert len(bg) == 17 and np.abs(bg[8].astype(int) - bg[1]).mean() > 1  # a playing video, not a held image

@@ -185,6 +185,21 @@ def regrade(image: np.ndarray, instruction: str) -> tuple[np.ndarray, list[str]]
     return image, applied
 
 
+def needs_background(instruction: str | None, edit_type: str) -> str | None:
+    """Why the ``cpu`` profile cannot honestly do this edit without a user background, or None if it can.
+
+    It can only re-grade the source's own scene (:data:`GRADES`): a ``location`` edit asks for another place
+    (measured before this check: 71 % of the catalogue's location scenes and 32 % of its style scenes matched
+    no grade and got a hash-chosen hue rotation, e.g. a salmon-pink park for "a snowy mountain village at
+    dusk"), and an instruction no grade covers cannot be honoured either.
+    """
+    if edit_type == "location":
+        return "a location edit asks for another place, and the cpu profile can only re-grade the source's scene"
+    if instruction and not grades_for(instruction):
+        return "no re-grade of the cpu profile covers this instruction (see GRADES in services/image_edit/cpu.py)"
+    return None
+
+
 def background_layer(ctx: SampleContext) -> np.ndarray:
     """The sample's new background ``(H, W, 3) uint8``, computed once per process (``ctx.cache``)."""
     if "cpu_background_layer" not in ctx.cache:

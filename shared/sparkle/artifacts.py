@@ -148,12 +148,14 @@ class ArtifactIO:
         if h * w > self.max_pixels:
             raise TooLarge(f"{key}: {w}x{h} > {self.max_pixels} pixels")
 
-    def load_video(self, key: str) -> Video:
-        """Decode ``key``: frames ``(T, H, W, 3) uint8`` and fps. Raises ArtifactMissing, TooLarge."""
+    def load_video(self, key: str, first_frames: bool = False) -> Video:
+        """Decode ``key``: frames ``(T, H, W, 3) uint8`` and fps. Raises ArtifactMissing, TooLarge (more than
+        ``max_frames`` frames, unless ``first_frames``: then only the first ``max_frames`` are kept, as for a
+        user's background video, which may be longer than the clip)."""
         if (video := self._videos.get_fresh(key)) is not None:
             return video
         with tempfile.TemporaryDirectory() as tmp:
-            video = read_video(self._fetch(key, tmp), max_frames=self.max_frames + 1)
+            video = read_video(self._fetch(key, tmp), max_frames=self.max_frames + (0 if first_frames else 1))
         self._check_size(key, *video.shape)
         return self._videos.put(key, video)
 
@@ -223,7 +225,7 @@ class ArtifactIO:
                 if PurePosixPath(background).suffix.lower() in IMAGE_SUFFIXES:
                     bg = Video(self.load_image(background)[None], 0.0)
                 else:
-                    bg = self.load_video(background)
+                    bg = self.load_video(background, first_frames=True)
             ctx = self._contexts.put(sample_id, SampleContext(sample_id, prompt, self.load_video(source_video), bg))
         ctx.prompt = prompt
         if mask and ctx.mask is None:
