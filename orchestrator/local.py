@@ -121,10 +121,10 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
     """
     prompt = validate_inputs(video, prompt, edit_type, background)
     config = config or PipelineConfig()
-    cpu_editor = backends.image_edit.name == "cpu-layer-compositor" if backends else config.profile == "cpu"
-    if cpu_editor and background is None:
-        from sparkle.services.image_edit.cpu import needs_background
+    from sparkle.services.image_edit.cpu import CpuCompositorEditor, needs_background
 
+    cpu_editor = isinstance(backends.image_edit, CpuCompositorEditor) if backends else config.profile == "cpu"
+    if cpu_editor and background is None:
         if why := needs_background(prompt, edit_type):
             raise InputError(f"{why}: give the new background (sparkle replace --background IMAGE|VIDEO, a video "
                              "is played back and forth; bench infer --use-ref-images), or use --profile real")

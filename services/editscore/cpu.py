@@ -102,9 +102,9 @@ def _structure_kept(src: np.ndarray, dst: np.ndarray, where: np.ndarray, window:
     va, vb = box(a * a) - ma * ma, box(b * b) - mb * mb
     ncc = (box(a * b) - ma * mb) / np.sqrt(np.maximum(va, 1e-3) * np.maximum(vb, 1e-3))
     textured = where & (va > 4)
-    rows = np.nonzero(textured.any(axis=1))[0]
     if textured.sum() < 16:
         return None
+    rows = np.nonzero(textured.any(axis=1))[0]
     kept = []
     for band in np.array_split(np.arange(rows.min(), rows.max() + 1), 3):  # top, middle, bottom of the subject
         part = textured[band]
@@ -152,13 +152,6 @@ class CpuProxyScorer:
     def setup(self) -> None:
         """Nothing to load (the person segmenter loads with the first scene model)."""
 
-    def _evidence(self, ctx: SampleContext, t: int) -> np.ndarray:
-        """The source's subjects of frame ``t`` at work scale, ``(h, w)`` bool (cached per frame)."""
-        key = f"cpu_score_evidence_{t}"
-        if key not in ctx.cache:
-            ctx.cache[key] = scene_of(ctx).subjects(t)
-        return ctx.cache[key]
-
     def _mask_small(self, ctx: SampleContext, t: int) -> np.ndarray | None:
         if ctx.mask is None:
             return None
@@ -172,7 +165,7 @@ class CpuProxyScorer:
             raise ValueError(f"unknown task {task!r}")
         scene = scene_of(ctx)
         s, e = _small(scene, source), _small(scene, edited)
-        inside, outside = _regions(self._evidence(ctx, 0), self._mask_small(ctx, 0))
+        inside, outside = _regions(scene.subjects(0), self._mask_small(ctx, 0))
         if task == "edit_background":
             f_in, r_out = _structure_kept(s, e, inside), _fit_residual(s, e, outside)
             kept = 10.0 if f_in is None else _clip(10 * (f_in - 0.35) / 0.35)
@@ -207,21 +200,22 @@ class CpuProxyScorer:
         for i in frame_indices:
             j, k = max(i - 1, 0), max(i - 4, 0)
             s, e = _small(scene, source[i]), _small(scene, edited[i])
-            ev = self._evidence(ctx, i)
+            ev = scene.subjects(i)
             inside, outside = _regions(ev, self._mask_small(ctx, i))
             f_in, r_out = _structure_kept(s, e, inside), _fit_residual(s, e, outside)
             kept = 10.0 if f_in is None else _clip(10 * (f_in - 0.35) / 0.35)
             replaced = 0.0 if r_out is None else _clip(10 * r_out / 4)
-            moving = ev | self._evidence(ctx, k)
+            moving = ev | scene.subjects(k)
             m_s = _mad(s, _small(scene, source[k]), moving)
             m_e = _mad(e, _small(scene, edited[k]), moving)
-            if m_s is None or m_s < 1.5 or k == i:
+            ratio = None if m_s is None or m_s < 1.5 or k == i else m_e / m_s
+            if ratio is None:
                 motion, motion_note = 10.0, "subject motion not measurable (still source)"
             else:
-                motion = _clip(10 * min(1.0, (m_e / m_s) / 0.5))
+                motion = _clip(10 * min(1.0, ratio / 0.5))
                 motion_note = f"subject motion kept {motion} (edited {m_e:.1f} / source {m_s:.1f} over 4 frames)"
             pq, m = _pq_image(s, e, outside, source[i], edited[i])
-            still = outside & _regions(self._evidence(ctx, j), self._mask_small(ctx, j))[1]
+            still = outside & _regions(scene.subjects(j), self._mask_small(ctx, j))[1]
             d_e = _mad(e, _small(scene, edited[j]), still) if j != i else 0.0
             d_s = _mad(s, _small(scene, source[j]), still) if j != i else 0.0
             excess = max(0.0, (d_e or 0.0) - (d_s or 0.0))
@@ -229,8 +223,7 @@ class CpuProxyScorer:
             sc, pq = min(kept, replaced, motion), min(pq, stability)
             sc_raw = {"instruction_following": None, "subject_structure_kept": f_in, "subject_kept": kept,
                       "background_fit_residual": r_out, "background_replaced": replaced,
-                      "subject_motion_ratio": None if motion_note.startswith("subject motion not") else
-                      round(m_e / m_s, 3), "subject_motion": motion}
+                      "subject_motion_ratio": None if ratio is None else round(ratio, 3), "subject_motion": motion}
             pq_raw = {**m, "background_change_excess": round(excess, 2), "background_stability": stability}
             out.append(FrameScore(
                 SC_score=sc, PQ_score=pq, O_score=round(float(np.sqrt(sc * pq)), 2),

@@ -66,9 +66,7 @@ class CpuGrounder:
         """For each frame of ``frame_indices``, one object per label (``bbox_2d = []`` if not found)."""
         scene = scene_of(ctx)
         h, w = frames.shape[1:3]
-        last = {}
-        for label, (_kind, box) in zip(labels, scene.objects(0)):
-            last[label] = box
+        last = {label: box for label, (_kind, box) in zip(labels, scene.objects(0))}
         out = []
         for idx in frame_indices:
             candidates = scene.objects(idx)

@@ -75,9 +75,8 @@ class CpuGrabCutTracker:
         for t in range(len(out)):
             if "person" in kinds:
                 out[t] = np.where(scene.person[t], scene.person_prob[t], 0.0)
-            movers = [b for kind, b in scene.objects(t) if kind == "moving object"]
-            if "moving object" in kinds and movers:
-                out[t] = np.maximum(out[t], scene.segment(t, movers) & (scene.fg[t] | ~scene.person[t]))
+            if "moving object" in kinds:  # (inside a still person, the person's soft edge stays)
+                out[t] = np.maximum(out[t], scene.movers(t) & (scene.fg[t] | ~scene.person[t]))
         return out
 
     def _pass(self, scene: SceneModel, anchor: Anchor, concepts: np.ndarray) -> np.ndarray:

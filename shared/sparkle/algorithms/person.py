@@ -123,23 +123,20 @@ class PersonSegmenter:
             setattr(self._local, key, it)
         return it
 
-    def probabilities(self, frames: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
-        """``(T, h, w) float32`` person probability (0..1) of ``frames`` ``(T, H, W, 3) uint8`` RGB.
-
-        ``size`` = ``(w, h)`` of the output (default the frames' own size; bilinear upsampling of the
-        network's 256x144 or 256x256 output). Frames wider than 4:3 use the landscape model.
-        """
+    def probabilities(self, frames: np.ndarray) -> np.ndarray:
+        """``(T, H, W) float32`` person probability (0..1) of ``frames`` ``(T, H, W, 3) uint8`` RGB (the
+        network's 256x144 or 256x256 output upsampled bilinearly). Frames wider than 4:3 use the landscape
+        model."""
         t, h, w = frames.shape[:3]
         it = self._interpreter(landscape=w / h > 4 / 3)
         inp, out = it.get_input_details()[0], it.get_output_details()[0]
         nh, nw = inp["shape"][1:3]
-        size = size or (w, h)
-        result = np.empty((t, size[1], size[0]), np.float32)
+        result = np.empty((t, h, w), np.float32)
         for i, frame in enumerate(frames):
             x = cv2.resize(frame, (int(nw), int(nh)), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
             it.set_tensor(inp["index"], x[None])
             it.invoke()
-            result[i] = cv2.resize(it.get_tensor(out["index"])[0, ..., 0], size, interpolation=cv2.INTER_LINEAR)
+            result[i] = cv2.resize(it.get_tensor(out["index"])[0, ..., 0], (w, h), interpolation=cv2.INTER_LINEAR)
         return result
 
 
@@ -154,7 +151,3 @@ def person_segmenter() -> PersonSegmenter:
         if _shared is None:
             _shared = PersonSegmenter()
         return _shared
-
-
-if __name__ == "__main__":  # python -m sparkle.algorithms.person: fetch the models
-    print(fetch_models())

@@ -119,8 +119,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 class SceneModel:
     """Background model and motion masks of ``frames`` ``(T, H, W, 3) uint8`` from a fixed camera."""
 
-    def __init__(self, frames: np.ndarray, work_short_side: int = 180, diff_threshold: int = 28,
-                 persons: bool = True):
+    def __init__(self, frames: np.ndarray, work_short_side: int = 180, diff_threshold: int = 28):
         self.full_shape = frames.shape[:3]
         t, h, w = self.full_shape
         self.scale = min(1.0, work_short_side / min(h, w))
@@ -130,11 +129,9 @@ class SceneModel:
         k = max(3, round(0.012 * min(self.size)) | 1)
         self._open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
         self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
-        self.person_prob = np.zeros(self.small.shape[:3], np.float32)
-        if persons:
-            from .person import person_segmenter
+        from .person import person_segmenter
 
-            self.person_prob = person_segmenter().probabilities(self.small)
+        self.person_prob = person_segmenter().probabilities(self.small)  # (T, h, w) float32
         self.person = np.stack([self._confident_persons(p) for p in self.person_prob])  # (T, h, w) bool
         background = np.median(self.small, axis=0).astype(np.uint8)
         fg = self._motion(background) | self.person
@@ -143,9 +140,11 @@ class SceneModel:
         # A subject that mostly stands still stays in the medians above as a ghost: rebuild the background
         # with the clean-plate cascade (boxes over time and persons, then motion, then inpainting of frame 0's
         # subject) and measure motion against it, so that the still parts count as foreground too.
+        self._movers: dict[int, np.ndarray] = {}
         self.background = cascade_plate(self.small, self.object_masks() | self.person, self.fg | self.person,
                                         self.subjects(0))
         self.fg = self._motion(self.background)  # (T, h, w) bool at work scale
+        self._movers = {}  # measured against the first background: computed again on demand
 
     def _confident_persons(self, prob: np.ndarray, min_area_frac: float = 0.002) -> np.ndarray:
         """The components of ``prob > 0.5`` ``(h, w)`` that are confident and large enough, ``(h, w)`` bool."""
@@ -181,11 +180,18 @@ class SceneModel:
                            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))) > 0
         return found + [("moving object", b) for b in self.boxes(t, exclude=grown)]
 
+    def movers(self, t: int) -> np.ndarray:
+        """Frame ``t``'s moving objects (:meth:`objects` other than persons) segmented from their boxes,
+        ``(h, w)`` bool at work scale; computed once per frame (the grounder's plate, the tracker's concepts
+        and the scorer's evidence all ask for it)."""
+        if t not in self._movers:
+            boxes = [b for kind, b in self.objects(t) if kind == "moving object"]
+            self._movers[t] = self.segment(t, boxes) if boxes else np.zeros(self.fg.shape[1:], bool)
+        return self._movers[t]
+
     def subjects(self, t: int) -> np.ndarray:
-        """Frame ``t``'s subjects at work scale, ``(h, w)`` bool: the persons united with the motion objects
-        segmented from their boxes."""
-        movers = [b for kind, b in self.objects(t) if kind == "moving object"]
-        return self.person[t] | (self.segment(t, movers) if movers else False)
+        """Frame ``t``'s subjects at work scale, ``(h, w)`` bool: the persons united with :meth:`movers`."""
+        return self.person[t] | self.movers(t)
 
     def _motion(self, background: np.ndarray) -> np.ndarray:
         out = np.empty(self.small.shape[:3], bool)
