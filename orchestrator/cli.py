@@ -311,6 +311,23 @@ def funnel(
 
 
 @app.command()
+def view(
+    out: Path = typer.Argument(Path("out"), help="dataset root written by replace (or a store's local folder)"),
+    port: int = typer.Option(8090, "--port", min=1, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0 to let other machines in (no API key here)"),
+) -> None:
+    """Browse the samples of OUT at http://HOST:PORT/ui/: the list (filters, pages), the stage funnel, and one
+    page per sample (source and edited video in sync, background, mask overlay, Canny control, frames, stage
+    decisions with timings, the five records; live while `sparkle replace -o OUT` runs)."""
+    from .viewer import serve_folder
+
+    if not out.is_dir():
+        _fail(f"no such folder: {out}")
+    err.print(f"viewer of {out.resolve()} at [bold]http://{host}:{port}/ui/[/bold] (Ctrl-C stops it)")
+    serve_folder(out, host, port)
+
+
+@app.command()
 def serve(
     service: str = typer.Argument(..., help="grounding, image_edit, i2v, tracking, control or editscore"),
     backend: str = typer.Option("cpu", "--backend", help="real, tiny or cpu"),

@@ -61,6 +61,8 @@ class Checkpoint(BaseModel):
     submitted_at: float
     dataset: str | None = None
     owner: str = Field("", description="the principal (API key hash) that submitted it; '' on an open gateway")
+    callback_url: str | None = Field(None, description="webhook: POSTed the job document on each terminal state")
+    retries: int = Field(0, description="re-drives of the journey after a terminal failure (`sparkle retry`)")
 
 
 def load_checkpoint(store: ArtifactStore, sid: str) -> Checkpoint | None:
@@ -81,7 +83,8 @@ def write_job(store: ArtifactStore, cp: Checkpoint, state: str, stage: str | Non
     """Write ``jobs/{id}.json`` from the journey's checkpoint and return it.
 
     ``stages``: the decisions so far (``seconds`` per stage, gate ``scores``); ``error``: ``{stage, reason}``
-    of a failed or cancelled job.
+    of a failed or cancelled job; ``artifacts``: name -> store key of what the journey made so far (staging keys
+    until it is published); ``retries``: re-drives after a failure; ``callback_url``: the webhook, if any.
     """
     task = cp.task
     doc = {"id": task.id, "edit_type": task.edit_type, "state": state, "stage": stage, "prompt": task.prompt,
@@ -91,7 +94,9 @@ def write_job(store: ArtifactStore, cp: Checkpoint, state: str, stage: str | Non
            "error": ({"stage": task.failed_stage, "reason": task.reason}
                      if state in ("failed", "cancelled") else None),
            "stages": [d.model_dump() for d in task.decisions],
-           "timings": {d.name: d.seconds for d in task.decisions}}
+           "timings": {d.name: d.seconds for d in task.decisions},
+           "artifacts": dict(task.refs), "fps": task.fps, "shape": list(task.shape) if task.shape else None,
+           "retries": cp.retries, "callback_url": cp.callback_url}
     store.put_json(job_key(task.id), doc)
     return doc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -144,7 +145,30 @@ def replace_one(video: str | Path, prompt: str | None, out_dir: str | Path, edit
     task = SampleTask(id=sid, edit_type=edit_type, prompt=prompt or "", chosen_keyword=chosen_keyword,
                       source_key=source_key, background_key=background_key, force=force, enforce_gates=enforce_gates)
     io = ArtifactIO(store, max_frames=config.conform.max_frames)
-    task = run_sample(task, StageEnv(store, in_process(backends, io), config, io), on_stage)
+    from . import jobs  # (jobs imports this module)
+
+    # The job document (jobs/{id}.json) as the distributed run keeps it: what `sparkle view` shows live.
+    cp = jobs.Checkpoint(task=task, config={}, next="ingest", submitted_at=time.time())
+    jobs.write_job(store, cp, "running", "ingest")
+    current = {"stage": "ingest"}
+
+    def progress(name: str, event: str, t: SampleTask) -> None:
+        current["stage"], cp.task = name, t
+        if t.status == "running":  # after each stage's start and end: its decision and timing show live
+            jobs.write_job(store, cp, "running", name)
+        if on_stage:
+            on_stage(name, event, t)
+
+    try:
+        task = run_sample(task, StageEnv(store, in_process(backends, io), config, io), progress)
+    except BaseException as exc:
+        cp.task.status, cp.task.failed_stage = "failed", current["stage"]
+        cp.task.reason = f"{current['stage']}: {exc.__class__.__name__}: {exc}"
+        cp.task.refs = {}  # the staging area is gone
+        jobs.write_job(store, cp, "failed", current["stage"])
+        raise
+    cp.task = task
+    jobs.write_job(store, cp, task.status, task.decisions[-1].name if task.decisions else None)
     # OUT stays the released layout after every command: its CSV and JSONL files are materialised from the
     # record documents (incrementally: only this sample's lines are read from its document).
     materialise_layout(store, edit_types=[edit_type])

@@ -75,6 +75,12 @@ class ArtifactStore(ABC):
         """All keys under ``prefix``, sorted."""
 
     @abstractmethod
+    def list_versions(self, prefix: str) -> dict[str, str]:
+        """Key -> version tag of every key under the folder ``prefix``; a key's tag changes when its content
+        does (a file's modification time and size, an object's ETag). The viewer's index compares tags to
+        re-read only what changed."""
+
+    @abstractmethod
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many."""
 
@@ -237,6 +243,28 @@ class LocalStore(ArtifactStore):
             keys += [f"{rel}/{name}" if rel != "." else name for name in names
                      if not name.endswith((".part", ".lock"))]
         return sorted(keys)
+
+    def list_versions(self, prefix: str) -> dict[str, str]:
+        """Key -> version tag (``"{mtime_ns}:{size}"``) of every file under the folder ``prefix``: what the viewer's
+        index compares to find the files that changed since its last look (one ``stat`` per file)."""
+        base = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        out: dict[str, str] = {}
+        stack = [base]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif not e.name.endswith((".part", ".lock")):
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:  # replaced or removed meanwhile
+                        continue
+                    out[Path(e.path).relative_to(self.root).as_posix()] = f"{st.st_mtime_ns}:{st.st_size}"
+        return out
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list_keys(prefix)

@@ -222,6 +222,12 @@ class S3Store(ArtifactStore):
                 names.append(base)
         return sorted(name[len(self.prefix):] for name in names)
 
+    def list_versions(self, prefix: str) -> dict[str, str]:
+        """Key -> ETag of every object under the folder ``prefix`` (one LIST call per 1 000 keys)."""
+        base = self.prefix + (prefix.strip("/") + "/" if prefix.strip("/") else "")
+        return {o.object_name[len(self.prefix):]: (o.etag or "") + f":{o.size}"
+                for o in self.client.list_objects(self.bucket, prefix=base, recursive=True) if not o.is_dir}
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix`` (folder or single key, as :meth:`list_keys`); returns how many.
         Raises ValueError on an empty prefix (as LocalStore does), never emptying the whole store."""
