@@ -42,7 +42,8 @@ from sparkle.settings import DistributedSettings
 
 log = logging.getLogger("sparkle.celery")
 
-TASK_MODULES = ["sparkle.orchestrator.journey", "sparkle.orchestrator.calls", "sparkle.orchestrator.datasets"]
+TASK_MODULES = ["sparkle.orchestrator.journey", "sparkle.orchestrator.calls", "sparkle.orchestrator.datasets",
+                "sparkle.orchestrator.webhooks"]
 
 
 def make_app(settings: DistributedSettings | None = None) -> Celery:

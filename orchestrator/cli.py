@@ -514,7 +514,62 @@ def enqueue_command(
     Console().print(table)
 
 
+def failures_command(
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="only this dataset's failures"),
+    as_json: bool = typer.Option(False, "--json", help="print the entries as JSON"),
+) -> None:
+    """The dead-letter list of the distributed run (SPARKLE_STORE_URL): samples that failed with a terminal
+    error (not a gate's refusal), with the stage and the reason; `sparkle retry` re-runs them."""
+    from . import failures
+    from .celery_app import resources
+
+    found = failures.list_failures(resources().store, dataset)
+    if as_json:
+        typer.echo(json.dumps(json_safe(found), indent=2, allow_nan=False))
+        return
+    table = Table("sample", "dataset", "stage", "reason", "failed at", "retries",
+                  title=f"{len(found)} failed sample{'s' if len(found) != 1 else ''}")
+    for e in found:
+        table.add_row(e["id"], e.get("dataset") or "", e["stage"], e["reason"][:120],
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["failed_at"])),
+                      str(e.get("retries", 0)) + ("" if e.get("retryable", True) else " (not retryable)"))
+    Console().print(table)
+
+
+def retry_command(
+    sample_id: Optional[str] = typer.Argument(None, help="the failed sample (job) id"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="every failed sample of this dataset"),
+) -> None:
+    """Re-run failed samples from the stage that failed (their earlier stages are kept), once each: SAMPLE_ID,
+    or every retryable failure of --dataset. Exit 1 when one could not be re-driven."""
+    from sparkle.errors import SparkleError
+
+    from . import failures
+    from .celery_app import app as celery_app
+    from .celery_app import resources
+
+    if (sample_id is None) == (dataset is None):
+        _fail("give a sample id or --dataset ID (one of them)")
+    store = resources().store
+    ids = [sample_id] if sample_id else [e["id"] for e in failures.list_failures(store, dataset)
+                                         if e.get("retryable", True)]
+    problems = 0
+    for sid in ids:
+        try:
+            doc = failures.retry(celery_app, store, sid)
+            typer.echo(f"{sid}: {doc['state']} again from {doc['stage']} (retry {doc['retries']})")
+        except (SparkleError, KeyError) as exc:
+            problems += 1
+            err.print(f"[red]error:[/red] {sid}: {exc}")
+    if not ids:
+        err.print(f"dataset {dataset} has no retryable failure")
+    if problems:
+        raise typer.Exit(1)
+
+
 app.command("worker")(worker_command)
+app.command("failures")(failures_command)
+app.command("retry")(retry_command)
 app.command("gateway")(gateway_command)
 app.command("enqueue")(enqueue_command)
 

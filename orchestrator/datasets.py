@@ -30,7 +30,7 @@ from sparkle.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from sparkle.queues import CPU_QUEUE
 from sparkle.store import ArtifactStore, jsonl_lines, staging_prefix
 
-from . import jobs, journey, liveness
+from . import failures, jobs, journey, liveness, webhooks
 from .celery_app import SparkleTask, app, transient_types
 from .local import MAX_PROMPT_CHARS, allocate_ids
 from .pipeline import summary
@@ -215,7 +215,7 @@ def _dataset_prefix(did: str) -> str:
 
 def create_dataset(store: ArtifactStore, entries: Iterable[ManifestEntry], root: Path | None,
                    config: PipelineConfig | None = None, window: int = 64, name: str | None = None,
-                   owner: str = "") -> dict:
+                   owner: str = "", callback_url: str | None = None) -> dict:
     """Register a bulk run and give every entry its sample id; returns ``dataset.json``.
 
     ``entries``: a re-iterable (a list, or a :class:`ManifestFile` read line by line): it is read twice, once
@@ -271,6 +271,8 @@ def create_dataset(store: ArtifactStore, entries: Iterable[ManifestEntry], root:
                "config": config.model_dump(mode="json"), "window": window, "created_at": time.time()}
         if owner:
             doc["owner"] = owner
+        if callback_url:  # POSTed the dataset's status, signed, when it is done (orchestrator/webhooks.py)
+            doc["callback_url"] = callback_url
         store.put_json(prefix + "dataset.json", doc)  # last: its presence means the dataset is complete
     return doc
 
@@ -343,6 +345,7 @@ def _record_failed_submission(store: ArtifactStore, sid: str, e: ManifestEntry, 
     cp = jobs.Checkpoint(task=task, config={}, next="finish", submitted_at=time.time(), dataset=did, owner=owner)
     store.put_json(layout.report(e.theme, sid), summary(task))
     jobs.write_job(store, cp, "failed", "submit")
+    failures.record_failure(store, cp, "submit", reason, retryable=False)  # listed; nothing kept to re-run
 
 
 def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None = None,
@@ -370,8 +373,10 @@ def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None 
                 job = {"state": "unknown"}
             if job["state"] in jobs.TERMINAL:
                 counts[job["state"]] = counts.get(job["state"], 0) + 1
-                # A worker killed between the terminal job and dropping the staging area leaves it behind.
-                store.delete_prefix(staging_prefix(sid))
+                # A worker killed between the terminal job and dropping the staging area leaves it behind; a
+                # failed sample keeps its staging area for a retry (the dead-letter list).
+                if not store.exists(failures.failure_key(sid)):
+                    store.delete_prefix(staging_prefix(sid))
                 report_key = layout.report(job["edit_type"], sid)
                 if store.exists(report_key):
                     funnel_add(state["funnel"], store.get_json(report_key))
@@ -392,8 +397,32 @@ def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None 
             state["in_flight"].append(row["id"])
             state["cursor"] += 1
             store.put_json(prefix + "state.json", {**state, "updated_at": time.time()})
+        was_done = state.get("done", False)
         state["done"] = state["cursor"] >= ds["total"] and not state["in_flight"]
         state["updated_at"] = time.time()
+        if state["done"] and not was_done and ds.get("callback_url"):
+            # before the state that says so is saved: a crash in between repeats the event (same id), never loses it
+            state["completions"] = state.get("completions", 0) + 1
+            webhooks.notify(celery_app, store, "dataset", did, ds["callback_url"], ds.get("owner", ""), "done",
+                            dataset_status(store, did, ds, state), generation=state["completions"] - 1)
+        store.put_json(prefix + "state.json", state)
+    return state
+
+
+def reopen(store: ArtifactStore, did: str, sid: str) -> dict:
+    """Put the failed sample ``sid`` back in the window of dataset ``did`` (it is being re-driven by
+    ``sparkle retry``): its ``failed`` count and funnel entries are taken back out, and the tick collects it
+    again when it ends. Returns ``state.json``."""
+    prefix = _dataset_prefix(did)
+    with store.lock(f"dataset-{did}"):
+        state = store.get_json(prefix + "state.json")
+        if sid not in state["in_flight"]:
+            state["counts"]["failed"] = max(0, state["counts"].get("failed", 0) - 1)
+            report_key = layout.report(layout.parse_sample_id(sid)[0], sid)
+            if store.exists(report_key):
+                funnel_add(state["funnel"], store.get_json(report_key), sign=-1)
+            state["in_flight"].append(sid)
+        state["done"], state["updated_at"] = False, time.time()
         store.put_json(prefix + "state.json", state)
     return state
 
@@ -429,12 +458,12 @@ def follow(celery_app, store: ArtifactStore, did: str, window: int | None = None
         sleep(poll_s)
 
 
-def dataset_status(store: ArtifactStore, did: str, ds: dict | None = None) -> dict:
+def dataset_status(store: ArtifactStore, did: str, ds: dict | None = None, state: dict | None = None) -> dict:
     """``GET /v1/datasets/{id}``: totals, counts by state, the samples in flight and the stage funnel of the
     finished samples (``ds``: its ``dataset.json`` when the caller has read it already). Raises KeyError for an
     unknown dataset."""
     ds = ds or read_dataset(store, did)
-    state = store.get_json(_dataset_prefix(did) + "state.json")
+    state = state or store.get_json(_dataset_prefix(did) + "state.json")
     finished = sum(state["counts"].values())
     return {"id": did, "total": ds["total"], "submitted": state["cursor"], "finished": finished,
             "in_flight": len(state["in_flight"]), "counts": state["counts"], "done": state["done"],

@@ -11,10 +11,15 @@
 - ``POST /v1/datasets``            a manifest (JSON entries: local paths under ``SPARKLE_MANIFEST_ROOT`` or store
                                    keys, with prompts or themes); the bulk run is driven by ``sparkle.dataset_tick``
 - ``GET /v1/datasets/{id}``        progress, counts by state and the stage funnel
+- ``GET /v1/failures``             the dead-letter list: failed jobs (terminal errors) with stage and reason
+- ``POST /v1/jobs/{id}/retry``     re-run a failed job from its failed stage, once (``orchestrator/failures.py``)
+- ``GET /v1/webhooks/secret``      the caller's webhook signing secret (``callback_url`` on POST /v1/jobs and
+                                   /v1/datasets: signed callbacks on each terminal state, ``orchestrator/webhooks.py``)
+- ``/ui/``                         the sample viewer (``orchestrator/viewer``): list, funnel, one page per sample
 - ``GET /healthz``, ``GET /readyz`` (broker and store reachable); OpenAPI at ``/docs`` and ``/openapi.json``.
 
 API keys (``SPARKLE_GATEWAY_API_KEYS``, comma-separated; unset: open) go in ``X-API-Key`` or
-``Authorization: Bearer`` and are checked before the body is read. Jobs and datasets belong to the key that
+``Authorization: Bearer`` (the viewer: a cookie set by ``/ui/login``) and are checked before the body is read. Jobs and datasets belong to the key that
 made them: another key gets a 404 for them (and cannot cancel them). Each client gets
 ``SPARKLE_GATEWAY_RATE_LIMIT`` requests (429 beyond) and ``SPARKLE_GATEWAY_MAX_STREAMS`` open event streams;
 a body sent too slowly is cut with 408. The upload streams through the multipart parser into a spooled temporary file
@@ -27,15 +32,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import json
+import secrets
 import shutil
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qs
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 
@@ -45,7 +53,10 @@ from sparkle.config import PipelineConfig, distributed_config
 from sparkle.errors import InputError, TooLarge
 from sparkle.serving import ApiKeyAuth, BodyLimit
 
-from . import datasets, jobs, journey
+from sparkle.webhooks import REPLAY_WINDOW_S, check_callback_url, signing_secret
+
+from . import datasets, failures, jobs, journey, webhooks
+from .viewer import build_viewer
 from sparkle.settings import DistributedSettings
 
 class RateLimits:
@@ -89,6 +100,8 @@ class DatasetRequest(BaseModel):
     window: int | None = Field(None, ge=1, le=100_000, description="samples in flight at once")
     max_frames: int | None = Field(None, ge=5, le=81)
     max_size: str | None = Field(None, pattern=r"^\d{2,4}x\d{2,4}$", description="largest output size WxH")
+    callback_url: str | None = Field(None, max_length=2048, description="webhook: POSTed the dataset status, "
+                                     "signed, when every sample is finished")
 
 
 def _config(base: PipelineConfig, max_size: str | None, max_frames: int | None) -> PipelineConfig:
@@ -180,7 +193,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                               "one video at a time or as bulk datasets.")
     app.state.store, app.state.celery = store, celery_app
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)  # JSON 413/408, streamed
-    app.add_middleware(ApiKeyAuth, keys=keys)  # outermost: the key is checked before any of the body is read
+    # outermost: the key is checked before any of the body is read; the viewer's pages take it from a cookie too
+    app.add_middleware(ApiKeyAuth, keys=keys, prefix=("/v1/", "/ui"), cookie=VIEWER_COOKIE, login="/ui/login")
     limiter = RateLimits(settings.gateway_rate_limit, settings.gateway_max_streams)
 
     @app.exception_handler(InputError)
@@ -198,7 +212,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         return who
 
     def job_or_404(job_id: str, who: str) -> dict:
-        """The job document, if ``who`` owns it: another client's job is a 404, as if it did not exist."""
+        """The job document, if ``who`` owns it: another client's job is a 404, as if it did not exist. A job
+        with a ``callback_url`` shows its deliveries as ``webhook`` (events, attempts)."""
         try:
             layout.parse_sample_id(job_id)
             doc = jobs.read_job(store, job_id)
@@ -206,7 +221,18 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
             raise HTTPException(404, f"no job {job_id!r}") from None
         if doc.get("owner", "") != who:
             raise HTTPException(404, f"no job {job_id!r}")
+        if doc.get("callback_url"):
+            doc["webhook"] = webhooks.public_record(webhooks.read_record(store, "job", job_id))
         return _public(doc)
+
+    async def checked_callback(url: str | None) -> str | None:
+        """A callback URL the gateway may call (400 otherwise: see :func:`sparkle.webhooks.check_callback_url`),
+        on a gateway that can sign (``SPARKLE_WEBHOOK_SIGNING_KEY``)."""
+        if not url:
+            return None
+        if settings.webhook_signing_key is None:
+            raise InputError("webhooks are not enabled on this gateway (SPARKLE_WEBHOOK_SIGNING_KEY is not set)")
+        return await asyncio.to_thread(check_callback_url, url, settings.webhook_allow_link_local)
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -236,12 +262,16 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         gates: Annotated[bool, Form(description="reject samples below the EditScore gates")] = True,
         max_size: Annotated[str | None, Form(pattern=r"^\d{2,4}x\d{2,4}$")] = None,
         max_frames: Annotated[int | None, Form(ge=5, le=81)] = None,
+        callback_url: Annotated[str | None, Form(max_length=2048, description="webhook: POSTed the job document, "
+                                                 "signed, on each terminal state")] = None,
         idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
         who: str = Depends(principal),
     ):
         """Replace the background of one video. 202 with the job (200 with the same job for a repeated
-        ``Idempotency-Key``); 400 bad input, 413 too large, 422 malformed form, 503 broker unavailable."""
+        ``Idempotency-Key``); 400 bad input (a ``callback_url`` to a link-local or metadata address included),
+        413 too large, 422 malformed form, 503 broker unavailable."""
         config = _config(base_config, max_size, max_frames)
+        callback_url = await checked_callback(callback_url)
         with tempfile.TemporaryDirectory(prefix="sparkle-upload-") as tmp:
             video_path = await _save_upload(video, Path(tmp) / "video", settings.max_upload_bytes)
             bg_path = None
@@ -249,12 +279,13 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
                 bg_path = await _save_upload(background, Path(tmp) / "background", settings.max_upload_bytes)
 
             def submit() -> tuple[dict, bool]:
-                args = dict(video_name=video.filename, config=config, owner=who)
+                args = dict(video_name=video.filename, config=config, owner=who, callback_url=callback_url)
                 if not idempotency_key:
                     return journey.submit_files(celery_app, store, video_path, prompt, theme, chosen_keyword, bg_path,
                                              force, gates, **args), True
                 mapping = jobs.idempotency_key(idempotency_key, who)
-                request = _fingerprint(video_path, bg_path, prompt, theme, chosen_keyword, force, gates, config)
+                request = _fingerprint(video_path, bg_path, prompt, theme, chosen_keyword, force, gates, config,
+                                       *([callback_url] if callback_url else []))
                 with store.lock(mapping):
                     if store.exists(mapping):
                         known = store.get_json(mapping)
@@ -347,14 +378,51 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         except jobs.JobFinished as exc:
             raise HTTPException(409, str(exc)) from None
 
+    @app.post("/v1/jobs/{job_id}/retry", status_code=202, tags=["jobs"])
+    async def retry_job(job_id: str, who: str = Depends(principal)):
+        """Re-run a failed job from the stage that failed (its earlier stages are kept): 202 with the job, now
+        ``queued``; 409 when it is not in the dead-letter list (it did not fail, or was re-driven already: a
+        retry runs once); 503 broker unavailable (the job stays listed)."""
+        await asyncio.to_thread(job_or_404, job_id, who)
+        try:
+            doc = await asyncio.to_thread(failures.retry, celery_app, store, job_id, who)
+        except failures.NotRetryable as exc:
+            raise HTTPException(409, str(exc)) from None
+        except KeyError:
+            raise HTTPException(404, f"no job {job_id!r}") from None
+        except Exception as exc:  # noqa: BLE001 - broker down: nothing changed
+            _raise_unavailable(exc)
+        return _public(doc)
+
+    @app.get("/v1/failures", tags=["jobs"])
+    async def list_failures(dataset: str | None = None, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+                            who: str = Depends(principal)):
+        """The dead-letter list: failed jobs (terminal errors, not gate refusals) of the caller, oldest first,
+        with ``stage``, ``reason``, ``failed_at`` (Unix s), ``dataset``, ``retries`` and ``retryable``."""
+        found = await asyncio.to_thread(failures.list_failures, store, dataset, who, limit)
+        return {"failures": [_public(e) for e in found], "count": len(found)}
+
+    @app.get("/v1/webhooks/secret", tags=["webhooks"])
+    async def webhook_secret(who: str = Depends(principal)):
+        """The caller's webhook signing secret (``whsec_...``, Standard Webhooks): verify the ``webhook-signature``
+        header of our callbacks with it (HMAC-SHA256 of ``{webhook-id}.{webhook-timestamp}.{body}``) and refuse
+        a ``webhook-timestamp`` older than ``replay_window_s``. 404 when webhooks are not enabled."""
+        if settings.webhook_signing_key is None:
+            raise HTTPException(404, "webhooks are not enabled on this gateway (SPARKLE_WEBHOOK_SIGNING_KEY)")
+        return {"secret": signing_secret(settings.webhook_signing_key.get_secret_value(), who),
+                "scheme": "https://www.standardwebhooks.com (v1, HMAC-SHA256)", "replay_window_s": REPLAY_WINDOW_S,
+                "headers": ["webhook-id", "webhook-timestamp", "webhook-signature"]}
+
     @app.post("/v1/datasets", status_code=202, tags=["datasets"])
     async def create_dataset(body: DatasetRequest, who: str = Depends(principal)):
         """Generate a dataset from a manifest. Every entry is checked first (400 lists the bad ones, nothing
-        is stored); the same manifest posted again returns the same dataset and sample ids."""
+        is stored); the same manifest posted again returns the same dataset and sample ids. ``callback_url``:
+        POSTed the dataset's status, signed, when it is done."""
         entries = datasets.parse_manifest("\n".join(json.dumps(e) for e in body.entries))
         config = _config(base_config, body.max_size, body.max_frames)
+        callback_url = await checked_callback(body.callback_url)
         ds = await asyncio.to_thread(datasets.create_dataset, store, entries, manifest_root, config,
-                                     body.window or settings.bulk_window, body.name, who)
+                                     body.window or settings.bulk_window, body.name, who, callback_url)
         try:
             await asyncio.to_thread(datasets.drive, celery_app, ds["id"], resume=False)
         except Exception as exc:  # noqa: BLE001 - the dataset is registered: GET /v1/datasets/{id} drives it later
@@ -377,7 +445,42 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
             await asyncio.to_thread(datasets.drive, celery_app, dataset_id, resume=True)
         return status
 
+    @app.get("/ui/login", include_in_schema=False)
+    async def login_page(next: str = "/ui/"):
+        """The viewer's login: a form for the API key (the viewer's pages are behind the same keys as /v1/)."""
+        return HTMLResponse(_LOGIN_PAGE.format(next=html.escape(_safe_next(next)), error=""))
+
+    @app.post("/ui/login", include_in_schema=False)
+    async def login(request: Request):
+        """Check the key of the login form, then keep it in an HttpOnly cookie and go on to ``next``."""
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        key, target = (form.get("key") or [""])[0], _safe_next((form.get("next") or ["/ui/"])[0])
+        if not keys or not any(secrets.compare_digest(key.encode(), k.encode()) for k in keys):
+            if keys:
+                return HTMLResponse(_LOGIN_PAGE.format(next=html.escape(target), error="wrong API key"), 401)
+        response = RedirectResponse(target, status_code=303)
+        if keys:
+            response.set_cookie(VIEWER_COOKIE, key, httponly=True, samesite="strict", path="/ui",
+                                secure=request.url.scheme == "https")
+        return response
+
+    app.mount("/ui", build_viewer(store, scoped=True, title="Sparkle Factory gateway"))
     return app
+
+
+VIEWER_COOKIE = "sparkle_api_key"
+
+_LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sparkle Factory: API key</title>
+<link rel="stylesheet" href="/ui/static/viewer.css"><link rel="icon" href="data:,"></head><body>
+<header><span class="brand">Sparkle Factory gateway</span></header><main><h1>API key</h1>
+<p>The viewer is behind the gateway's API keys (the key you send as <code>X-API-Key</code>).</p>
+<p class="refused">{error}</p><form method="post" action="/ui/login"><input type="hidden" name="next" value="{next}">
+<input type="password" name="key" size="40" autofocus> <button type="submit">Open</button></form></main></body></html>"""
+
+
+def _safe_next(target: str) -> str:
+    """Where the login may send the browser: a path of the viewer (never another site)."""
+    return target if target.startswith("/ui") and not target.startswith("//") and "\\" not in target else "/ui/"
 
 
 def gateway_command(host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -15,8 +15,10 @@ sent. Three functions move it, and nothing else does:
 A re-delivered or duplicate message finds its stage done and does nothing, so every stage is idempotent; a
 message held while its stage runs lasts one stage, which is what the visibility timeout must exceed.
 Transient errors of a stage (store, broker) retry the message with back-off (``stage_max_retries``); terminal
-ones (bad input, a service's refusal, retries exhausted) end the journey as ``failed``, with the stage and the
-reason in the job and the report. A cancelled job stops at its next stage boundary and leaves only its report.
+ones (bad input, a service's refusal, retries exhausted) fail the sample, with the stage and the reason in the
+job and the report, and keep it for a retry from that stage (the dead-letter list: ``failures.py``). A
+cancelled job stops at its next stage boundary and leaves only its report. A job with a ``callback_url`` is
+POSTed its document on each terminal state (``webhooks.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sparkle.media import VIDEO_SUFFIXES
 from sparkle.queues import CPU_QUEUE
 from sparkle.store import ArtifactStore, staging_prefix
 
-from . import jobs, liveness
+from . import failures, jobs, liveness, webhooks
 from .calls import QueueTransport
 from .celery_app import SparkleTask, app, is_transient, resources
 from .clients import Services
@@ -44,7 +46,7 @@ log = logging.getLogger("sparkle.journey")
 FIRST_STAGE = "ingest"
 
 
-def _send(celery_app, sample_id: str, stage: str) -> None:
+def send_stage(celery_app, sample_id: str, stage: str) -> None:
     """Send the message of ``stage`` of ``sample_id`` to the orchestrator's queue, marked queued and the journey
     seen alive (``liveness.py``: what lets the reaper tell a queued message from a lost one)."""
     client = liveness.redis_of(celery_app)
@@ -56,18 +58,19 @@ def _send(celery_app, sample_id: str, stage: str) -> None:
 # --- starting and resuming ------------------------------------------------------------------------------
 
 def start_journey(celery_app, store: ArtifactStore, task: SampleTask, config: PipelineConfig,
-                  dataset: str | None = None, owner: str = "") -> dict:
+                  dataset: str | None = None, owner: str = "", callback_url: str | None = None) -> dict:
     """Write the checkpoint and the ``queued`` job document, then send the first stage's message.
 
     The source (and background) must already be in the store at ``task.source_key``. If the broker refuses
     the message, what was written is removed and the error propagates (nothing half-submitted stays).
+    ``callback_url``: POSTed the job document, signed, on each terminal state (``orchestrator/webhooks.py``).
     """
     cp = jobs.Checkpoint(task=task, config=config.model_dump(mode="json"), next=FIRST_STAGE,
-                         submitted_at=time.time(), dataset=dataset, owner=owner)
+                         submitted_at=time.time(), dataset=dataset, owner=owner, callback_url=callback_url)
     jobs.save_checkpoint(store, cp)
     doc = jobs.write_job(store, cp, "queued", None)
     try:
-        _send(celery_app, task.id, FIRST_STAGE)
+        send_stage(celery_app, task.id, FIRST_STAGE)
     except Exception:
         store.delete_prefix(staging_prefix(task.id))
         store.delete_prefix(jobs.job_key(task.id))
@@ -80,7 +83,8 @@ def start_journey(celery_app, store: ArtifactStore, task: SampleTask, config: Pi
 def submit_files(celery_app, store: ArtifactStore, video: Path, prompt: str | None, edit_type: str = "location",
                  chosen_keyword: str | None = None, background: Path | None = None, force: bool = False,
                  gates: bool = True, config: PipelineConfig | None = None, sample_id: str | None = None,
-                 dataset: str | None = None, video_name: str | None = None, owner: str = "") -> dict:
+                 dataset: str | None = None, video_name: str | None = None, owner: str = "",
+                 callback_url: str | None = None) -> dict:
     """Validate local files, upload them to ``staging/{id}/inputs/`` and start the journey; the job document.
 
     ``sample_id``: given by a dataset (deterministic); else the next free index of ``edit_type``.
@@ -99,7 +103,7 @@ def submit_files(celery_app, store: ArtifactStore, video: Path, prompt: str | No
                                         background)
     task = jobs.new_task(sid, edit_type, prompt, chosen_keyword, source_key, background_key, force, gates)
     try:
-        return start_journey(celery_app, store, task, config or PipelineConfig(), dataset, owner)
+        return start_journey(celery_app, store, task, config or PipelineConfig(), dataset, owner, callback_url)
     except Exception:
         store.delete_prefix(staging_prefix(sid))
         raise
@@ -110,9 +114,9 @@ def resume_journey(celery_app, store: ArtifactStore, sid: str) -> bool:
     journey was still there to resume. A duplicate message is harmless: the stage worker runs a stage only
     while holding the sample's lease and only if the checkpoint names it next."""
     cp = jobs.load_checkpoint(store, sid)
-    if cp is None:
+    if cp is None or store.exists(failures.failure_key(sid)):  # over, or failed and kept for `sparkle retry`
         return False
-    _send(celery_app, sid, cp.next)
+    send_stage(celery_app, sid, cp.next)
     return True
 
 
@@ -129,9 +133,35 @@ def _end(celery_app, cp: jobs.Checkpoint, env: StageEnv, stage: str) -> dict:
     """The journey is over: job document in its final state, staging area removed. (A crash between the two
     leaves the staging area behind; the dataset tick that collects the sample removes it.)"""
     doc = jobs.write_job(env.store, cp, cp.task.status, stage)
+    _notify(celery_app, env.store, cp, doc)
     drop_staging(cp.task, env)
     liveness.journey_over(liveness.redis_of(celery_app), cp.task.id)
     return {"id": cp.task.id, "state": doc["state"]}
+
+
+def _notify(celery_app, store: ArtifactStore, cp: jobs.Checkpoint, doc: dict) -> None:
+    """The job's webhook, if it has one: the terminal job document (without its owner), signed, at least once."""
+    if cp.callback_url:
+        webhooks.notify(celery_app, store, "job", cp.task.id, cp.callback_url, cp.owner, doc["state"],
+                        {k: v for k, v in doc.items() if k != "owner"}, generation=cp.retries)
+
+
+def _dead_letter(celery_app, cp: jobs.Checkpoint, env: StageEnv, stage: str, failed: SampleTask,
+                 reason: str) -> dict:
+    """The journey failed at ``stage``: keep it for a retry (``orchestrator/failures.py``). The checkpoint keeps
+    the task as it was before ``stage``, with ``stage`` next; the staging area (the earlier stages' artifacts)
+    stays; the report and the job document say ``failed`` with the stage and the reason; the dead-letter entry
+    lists it. Nothing enters the layout."""
+    fail(failed, env, stage, reason, funnel=False)
+    cp.next, cp.sent = stage, False
+    jobs.save_checkpoint(env.store, cp)
+    shown = cp.model_copy(update={"task": failed})
+    doc = jobs.write_job(env.store, shown, "failed", stage)
+    failures.record_failure(env.store, cp, stage, reason)
+    _notify(celery_app, env.store, cp, doc)
+    env.io.forget(cp.task.id)
+    liveness.journey_over(liveness.redis_of(celery_app), cp.task.id)
+    return {"id": cp.task.id, "state": "failed"}
 
 
 def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: float) -> dict:
@@ -144,6 +174,8 @@ def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: floa
     cp = jobs.load_checkpoint(store, sample_id)
     if cp is None:
         return {"id": sample_id, "skipped": "the journey is over"}
+    if store.exists(failures.failure_key(sample_id)):
+        return {"id": sample_id, "skipped": "the journey failed and waits for a retry (sparkle retry)"}
     if stage != cp.next:
         if cp.sent:
             return {"id": sample_id, "skipped": f"stage {stage} is done; {cp.next} was sent"}
@@ -165,16 +197,14 @@ def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: floa
         if is_transient(exc):
             raise
         log.warning("%s: %s failed: %s: %s", sample_id, stage, exc.__class__.__name__, exc)
-        cp.task = task
-        fail(task, env, stage, f"{exc.__class__.__name__}: {exc}", funnel=False)
-        return _end(celery_app, cp, env, stage)
+        return _dead_letter(celery_app, cp, env, stage, task, f"{exc.__class__.__name__}: {exc}")
     cp.task, cp.next, cp.sent = task, next_stage(task, stage) or "finish", False
     jobs.save_checkpoint(store, cp)
     if cp.next == "finish":
         finish(cp.task, env, funnel=False)
         return _end(celery_app, cp, env, stage)
     jobs.write_job(store, cp, "running", cp.next)
-    _send(celery_app, sample_id, cp.next)
+    send_stage(celery_app, sample_id, cp.next)
     cp.sent = True
     jobs.save_checkpoint(store, cp)
     return {"id": sample_id, "done": stage, "next": cp.next}
@@ -185,12 +215,13 @@ def fail_journey(celery_app, io: ArtifactIO, sample_id: str, stage: str, reason:
     cp = jobs.load_checkpoint(io.store, sample_id)
     if cp is None:
         return {"id": sample_id, "skipped": "the journey is over"}
+    if io.store.exists(failures.failure_key(sample_id)):
+        return {"id": sample_id, "skipped": "already failed"}
     try:
         env = stage_env(io, cp.config, wait_s, celery_app)
     except ValueError:  # a checkpoint this version cannot read (its config): the failure is still recorded
         env = stage_env(io, {}, wait_s, celery_app)
-    fail(cp.task, env, stage, reason, funnel=False)
-    return _end(celery_app, cp, env, stage)
+    return _dead_letter(celery_app, cp, env, stage, cp.task.model_copy(deep=True), reason)
 
 
 @app.task(name="sparkle.stage", bind=True, base=SparkleTask, max_retries=None, ignore_result=True)

@@ -44,6 +44,10 @@ def sparkle(*args: str | Path, check: bool = False, env: dict | None = None) -> 
 
 
 def pytest_configure(config):
+    # The viewer's index files (a cache outside the dataset) go to a folder of this run, not to ~/.cache.
+    import tempfile
+
+    os.environ.setdefault("SPARKLE_VIEWER_CACHE", tempfile.mkdtemp(prefix="sparkle-viewer-cache-"))
     missing = [p for p in (JUGGLE, PEDESTRIANS, HANDHELD) if not p.is_file()]
     if missing:
         raise pytest.UsageError(f"test clips missing: {missing} (set SPARKLE_TEST_VIDEOS)")

@@ -35,7 +35,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -46,6 +46,7 @@ from sparkle.store import ArtifactStore, LocalStore, staging_prefix
 from .index import PAGE_SIZE, STATES, Filters, SampleIndex, dumps
 
 HERE = Path(__file__).parent
+Score = Annotated[float | None, Query(ge=0, le=10, description="mean O_score bound, 0..10")]
 TERMINAL = ("accepted", "rejected", "failed", "cancelled")
 
 ARTIFACTS = {
@@ -164,8 +165,6 @@ def build_viewer(store: ArtifactStore, scoped: bool = False, index: SampleIndex 
         if detail is None or (scoped and detail["owner"] != owner(request)):
             raise HTTPException(404, f"no sample {sid!r}")
         return detail
-
-    Score = Annotated[float | None, Query(ge=0, le=10)]
 
     async def listing(request: Request, theme, state, min_score, max_score, refused, dataset, q, page) -> tuple:
         f = filters(theme, state, min_score, max_score, refused, dataset, q)

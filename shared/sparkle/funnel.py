@@ -15,22 +15,23 @@ from .store import ArtifactStore
 FUNNEL_KEY = "reports/funnel.json"
 
 
-def funnel_add(acc: dict, report: dict) -> dict:
+def funnel_add(acc: dict, report: dict, sign: int = 1) -> dict:
     """Add one per-sample report to ``acc``, a JSON-serialisable tally (start from ``{}``); returns ``acc``.
-    Bulk runs keep such a tally per dataset instead of re-reading every report."""
+    Bulk runs keep such a tally per dataset instead of re-reading every report. ``sign=-1`` takes a report
+    added before back out (a failed sample re-driven by ``sparkle retry``)."""
     statuses, by_type = acc.setdefault("statuses", {}), acc.setdefault("by_edit_type", {})
     stages = acc.setdefault("stages", {})
-    statuses[report["status"]] = statuses.get(report["status"], 0) + 1
-    by_type[report["edit_type"]] = by_type.get(report["edit_type"], 0) + 1
+    statuses[report["status"]] = statuses.get(report["status"], 0) + sign
+    by_type[report["edit_type"]] = by_type.get(report["edit_type"], 0) + sign
     for d in report["stages"]:
         s = stages.setdefault(f"{d['stage']}:{d['name']}", {"stage": d["stage"], "name": d["name"], "in": 0,
                                                             "out": 0, "refused": {}})
-        s["in"] += 1
+        s["in"] += sign
         if d["accepted"]:
-            s["out"] += 1
+            s["out"] += sign
         else:
             kind = reason_kind(d["reason"])
-            s["refused"][kind] = s["refused"].get(kind, 0) + 1
+            s["refused"][kind] = s["refused"].get(kind, 0) + sign
     return acc
 
 

@@ -218,27 +218,62 @@ class BodyLimit:
 
 
 class ApiKeyAuth:
-    """ASGI middleware: requests under ``prefix`` must carry one of ``keys`` (``X-API-Key`` or ``Authorization:
-    Bearer``), checked from the headers before any of the body is read (401 otherwise). The caller's
-    principal, the first 16 hex digits of the key's SHA-256 (``""`` when no keys are configured), is put in
-    ``scope["state"]["principal"]`` (``request.state.principal``)."""
+    """ASGI middleware: requests under ``prefix`` (one path prefix or several) must carry one of ``keys``
+    (``X-API-Key`` or ``Authorization: Bearer``, or the ``cookie`` a browser got from a login page), checked from
+    the headers before any of the body is read (401 otherwise; with ``login``, a browser's GET of a page is sent
+    there instead, 303). The caller's principal, the first 16 hex digits of the key's SHA-256 (``""`` when no
+    keys are configured), is put in ``scope["state"]["principal"]`` (``request.state.principal``).
+    ``login``: a path that needs no key (the login page itself)."""
 
-    def __init__(self, app, keys: list[str], prefix: str = "/v1/"):
-        self.app, self.keys, self.prefix = app, [k.encode() for k in keys], prefix
+    def __init__(self, app, keys: list[str], prefix: str | tuple[str, ...] = "/v1/", cookie: str | None = None,
+                 login: str | None = None):
+        self.app, self.keys = app, [k.encode() for k in keys]
+        self.prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+        self.cookie, self.login = cookie, login
+
+    def _given(self, headers: dict) -> bytes:
+        given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+        if not given and self.cookie and b"cookie" in headers:
+            from http.cookies import SimpleCookie
+
+            jar = SimpleCookie()
+            try:
+                jar.load(headers[b"cookie"].decode("latin-1"))
+            except Exception:  # noqa: BLE001 - a malformed cookie header is no key
+                return b""
+            if self.cookie in jar:
+                given = jar[self.cookie].value.encode()
+        return given
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(self.prefixes) or path == self.login:
             return await self.app(scope, receive, send)
         principal = ""
         if self.keys:
             headers = dict(scope["headers"])
-            given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+            given = self._given(headers)
             if not any(secrets.compare_digest(given, k) for k in self.keys):
+                if self.login and scope["method"] == "GET" and b"text/html" in headers.get(b"accept", b""):
+                    from urllib.parse import quote
+
+                    target = quote(path + ("?" + scope["query_string"].decode() if scope["query_string"] else ""))
+                    return await _answer(send, 303, "an API key is needed",
+                                         [(b"location", f"{self.login}?next={target}".encode())])
                 return await _answer(send, 401, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
                                      [(b"www-authenticate", b"Bearer")])
-            principal = hashlib.sha256(given).hexdigest()[:16]
+            principal = key_principal(given)
         scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, receive, send)
+
+    def valid(self, key: str) -> bool:
+        """Whether ``key`` is one of the keys (always True without keys)."""
+        return not self.keys or any(secrets.compare_digest(key.encode(), k) for k in self.keys)
+
+
+def key_principal(key: bytes) -> str:
+    """The principal of an API key: the first 16 hex digits of its SHA-256 (what jobs record as ``owner``)."""
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 def build_app(api: ServiceAPI, settings: ServeSettings | None = None) -> FastAPI:

@@ -64,6 +64,15 @@ class DistributedSettings(BaseSettings):
                              "this long after it was first sent; then the sample fails")
     op_timeout_s: float = Field(1800.0, gt=0, description="HTTP time-out of one call to a model server")
     stage_max_retries: int = Field(5, ge=0, description="retries of a stage on store/broker errors")
+    webhook_signing_key: SecretStr | None = Field(None, description="master key of the webhook signatures: each "
+                                                  "API key's signing secret is derived from it (gateway and "
+                                                  "orchestrator workers); unset: callback_url is refused")
+    webhook_allow_link_local: bool = Field(False, description="let callback URLs reach link-local and cloud "
+                                           "metadata addresses (169.254.0.0/16, fe80::/10, metadata hosts)")
+    webhook_max_attempts: int = Field(10, ge=1, description="deliveries of one webhook event before giving up")
+    webhook_backoff_s: float = Field(2.0, gt=0, description="first redelivery delay; doubles, full jitter")
+    webhook_backoff_max_s: float = Field(600.0, gt=0, description="longest redelivery delay, seconds")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="HTTP time-out of one delivery, seconds")
 
     def s3_credentials(self) -> tuple[str, str]:
         """(access key, secret key): from the ``*_file`` settings when given, else the values. Raises ConfigError
