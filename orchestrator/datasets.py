@@ -417,7 +417,9 @@ def reopen(store: ArtifactStore, did: str, sid: str) -> dict:
     with store.lock(f"dataset-{did}"):
         state = store.get_json(prefix + "state.json")
         if sid not in state["in_flight"]:
-            state["counts"]["failed"] = max(0, state["counts"].get("failed", 0) - 1)
+            state["counts"]["failed"] = state["counts"].get("failed", 0) - 1
+            if state["counts"]["failed"] <= 0:
+                del state["counts"]["failed"]
             report_key = layout.report(layout.parse_sample_id(sid)[0], sid)
             if store.exists(report_key):
                 funnel_add(state["funnel"], store.get_json(report_key), sign=-1)

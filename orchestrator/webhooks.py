@@ -22,6 +22,7 @@ import logging
 import random
 import time
 
+from sparkle.errors import InputError
 from sparkle.settings import DistributedSettings
 from sparkle.store import ArtifactStore
 from sparkle.webhooks import body_of, check_callback_url, event_id, signed_headers, signing_secret
@@ -107,7 +108,7 @@ def deliver(store: ArtifactStore, settings: DistributedSettings, kind: str, iden
             attempt["error"] = f"HTTP {answer.status_code}: {answer.text[:200]}"
     except (httpx.HTTPError, OSError) as exc:
         attempt["error"] = f"{exc.__class__.__name__}: {exc}"
-    except (PermissionError, ValueError) as exc:  # not allowed (any more), or not signable: no retry helps
+    except (PermissionError, ValueError, InputError) as exc:  # not allowed (any more), or not signable: no retry helps
         attempt["error"], retry = f"{exc.__class__.__name__}: {exc}", False
     attempt["seconds"] = round(time.time() - started, 3)
     with store.lock(f"webhook-{kind}-{ident}"):

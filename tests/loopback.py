@@ -13,12 +13,15 @@ from fastapi import FastAPI, Request
 class LoopbackServer:
     """Subclasses build their app and call :meth:`serve`; use as a context manager (starts, then stops)."""
 
-    def serve(self, app) -> None:
+    def serve(self, app, port: int | None = None) -> None:
+        """Serve ``app`` on ``port`` (default: a free one) once entered."""
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -1118,3 +1118,43 @@ def test_a_response_streamed_after_the_body_is_not_cut_by_the_body_timeouts():
     asyncio.run(run())
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200]
     assert b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").count(b"event") == 5
+
+
+# --- webhooks, dead-letter: what the gateway checks before anything is queued -----------------------------------
+
+def test_callback_urls_are_checked_and_signing_secrets_are_per_key(make_gateway, media):
+    from sparkle.serving import key_principal
+    from sparkle.webhooks import signing_secret
+
+    closed = make_gateway()
+    r = closed.post_video(media["small"], callback_url="http://127.0.0.1:9/hook")
+    assert r.status_code == 400 and "SPARKLE_WEBHOOK_SIGNING_KEY" in r.json()["detail"]
+    assert closed.client.get("/v1/webhooks/secret").status_code == 404
+
+    gw = make_gateway(gateway_api_keys="k1,k2", webhook_signing_key=SecretStr("master"))
+    a, b = {"X-API-Key": "k1"}, {"X-API-Key": "k2"}
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://metadata.google.internal/", "file:///etc/passwd"):
+        r = gw.post_video(media["small"], headers=a, callback_url=url)
+        assert r.status_code == 400 and "callback_url" in r.json()["detail"], url
+    r = gw.client.post("/v1/datasets", headers=a, json={"entries": [{"video_key": "x"}],
+                                                        "callback_url": "http://[fe80::1]/hook"})
+    assert r.status_code == 400
+    assert_nothing_stored(gw.store)
+    assert gw.queued() == []
+
+    ok = gw.post_video(media["small"], headers=a, callback_url="http://127.0.0.1:9/hook")
+    assert ok.status_code == 202 and ok.json()["callback_url"] == "http://127.0.0.1:9/hook"
+    secret_a = gw.client.get("/v1/webhooks/secret", headers=a).json()
+    secret_b = gw.client.get("/v1/webhooks/secret", headers=b).json()
+    assert secret_a["secret"] == signing_secret("master", key_principal(b"k1")) != secret_b["secret"]
+    assert secret_a["replay_window_s"] == 300
+
+
+def test_retrying_a_job_that_did_not_fail_is_a_409_and_failures_are_per_key(make_gateway, media):
+    gw = make_gateway(gateway_api_keys="k1,k2")
+    a = {"X-API-Key": "k1"}
+    sid = gw.post_video(media["small"], headers=a).json()["id"]
+    r = gw.client.post(f"/v1/jobs/{sid}/retry", headers=a)
+    assert r.status_code == 409 and "dead-letter" in r.json()["detail"]
+    assert gw.client.post(f"/v1/jobs/{sid}/retry", headers={"X-API-Key": "k2"}).status_code == 404
+    assert gw.client.get("/v1/failures", headers=a).json() == {"failures": [], "count": 0}

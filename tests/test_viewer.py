@@ -258,3 +258,44 @@ def test_the_index_reads_only_what_changed_and_survives_a_restart(tmp_path):
     again = SampleIndex(store, db, min_interval_s=0)
     assert again.refresh(force=True) == 1
     assert again.page(Filters(state="rejected"))["samples"][0]["id"] == layout.sample_id("location", 3)
+
+
+# --- the gateway's /ui/: behind the API keys --------------------------------------------------------------
+
+def test_the_gateways_viewer_needs_a_key_and_shows_each_key_its_own_samples(settings, tmp_path):
+    from sparkle.orchestrator.celery_app import make_app
+    from sparkle.orchestrator.gateway import VIEWER_COOKIE, build_gateway
+    from sparkle.serving import key_principal
+
+    from pydantic import SecretStr
+
+    store = LocalStore(tmp_path / "store")
+    mine, theirs = layout.sample_id("location", 1), layout.sample_id("location", 2)
+    _job(store, mine, "accepted", 9.5, owner=key_principal(b"key-a"))
+    _job(store, theirs, "accepted", 9.0, owner=key_principal(b"key-b"))
+    s = settings.model_copy(update={"gateway_api_keys": SecretStr("key-a,key-b"), "store_url": f"local:{tmp_path}"})
+    celery = make_app(s)
+    client = TestClient(build_gateway(s, store, celery), follow_redirects=False)
+
+    assert client.get("/ui/api/samples").status_code == 401
+    page = client.get("/ui/", headers={"Accept": "text/html"})
+    assert page.status_code == 303 and page.headers["location"].startswith("/ui/login?next=")
+    assert client.get("/ui/static/viewer.js").status_code == 401
+    assert client.get("/ui/login").status_code == 200
+
+    a = {"X-API-Key": "key-a"}
+    assert [r["id"] for r in client.get("/ui/api/samples", headers=a).json()["samples"]] == [mine]
+    assert client.get(f"/ui/samples/{mine}", headers=a).status_code == 200
+    assert client.get(f"/ui/samples/{theirs}", headers=a).status_code == 404  # another key's sample
+    assert client.get(f"/ui/samples/{theirs}/events", headers=a).status_code == 404
+
+    wrong = client.post("/ui/login", content="key=nope&next=/ui/", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert wrong.status_code == 401 and VIEWER_COOKIE not in wrong.cookies
+    login = client.post("/ui/login", content="key=key-b&next=https://evil.example/",
+                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert login.status_code == 303 and login.headers["location"] == "/ui/"  # never sent off-site
+    cookie = login.cookies[VIEWER_COOKIE]
+    client.cookies.set(VIEWER_COOKIE, cookie)
+    assert [r["id"] for r in client.get("/ui/api/samples").json()["samples"]] == [theirs]
+    assert "httponly" in login.headers["set-cookie"].lower()
+    celery.close()

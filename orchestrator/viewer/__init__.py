@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse
 from fastapi.staticfiles import StaticFiles
@@ -259,10 +259,14 @@ def build_viewer(store: ArtifactStore, scoped: bool = False, index: SampleIndex 
             headers["Content-Encoding"] = "gzip"
         return Response(bits, media_type="application/octet-stream", headers=headers)
 
+    async def existing(request: Request, sid: str) -> dict:
+        """The sample, looked up before a stream starts (a 404 after would be a broken stream)."""
+        return await asyncio.to_thread(detail_or_404, request, sid)
+
     @app.get("/samples/{sid}/events", response_class=EventSourceResponse)
-    async def sample_events(request: Request, sid: str, poll_s: Annotated[float, Query(ge=0.2, le=30)] = 1.0):
+    async def sample_events(request: Request, sid: str, poll_s: Annotated[float, Query(ge=0.2, le=30)] = 1.0,
+                            detail: dict = Depends(existing)):
         """Server-sent events: the sample (as ``/ui/samples/{id}.json``) each time it changes, until it is final."""
-        detail = await asyncio.to_thread(detail_or_404, request, sid)
         last = None
         while True:
             mark = (detail["state"], detail["stage"], detail["updated_at"], len(detail["stages"]),
