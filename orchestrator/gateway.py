@@ -230,7 +230,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         on a gateway that can sign (``SPARKLE_WEBHOOK_SIGNING_KEY``)."""
         if not url:
             return None
-        if settings.webhook_signing_key is None:
+        if settings.webhook_key() is None:
             raise InputError("webhooks are not enabled on this gateway (SPARKLE_WEBHOOK_SIGNING_KEY is not set)")
         return await asyncio.to_thread(check_callback_url, url, settings.webhook_allow_link_local)
 
@@ -407,9 +407,9 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         """The caller's webhook signing secret (``whsec_...``, Standard Webhooks): verify the ``webhook-signature``
         header of our callbacks with it (HMAC-SHA256 of ``{webhook-id}.{webhook-timestamp}.{body}``) and refuse
         a ``webhook-timestamp`` older than ``replay_window_s``. 404 when webhooks are not enabled."""
-        if settings.webhook_signing_key is None:
+        if settings.webhook_key() is None:
             raise HTTPException(404, "webhooks are not enabled on this gateway (SPARKLE_WEBHOOK_SIGNING_KEY)")
-        return {"secret": signing_secret(settings.webhook_signing_key.get_secret_value(), who),
+        return {"secret": signing_secret(settings.webhook_key(), who),
                 "scheme": "https://www.standardwebhooks.com (v1, HMAC-SHA256)", "replay_window_s": REPLAY_WINDOW_S,
                 "headers": ["webhook-id", "webhook-timestamp", "webhook-signature"]}
 

@@ -87,7 +87,7 @@ def deliver(store: ArtifactStore, settings: DistributedSettings, kind: str, iden
         event = next((e for e in (record or {}).get("events", []) if e["id"] == msg_id), None)
         if event is None or event["delivered_at"] or event["gave_up"]:
             return None
-    master = settings.webhook_signing_key.get_secret_value() if settings.webhook_signing_key else ""
+    master = settings.webhook_key()
     body = body_of(event["document"])
     started = time.time()
     attempt = {"attempt": len(event["attempts"]) + 1, "at": started, "status": None, "error": None}

@@ -139,8 +139,18 @@ def build_viewer(store: ArtifactStore, scoped: bool = False, index: SampleIndex 
     """The viewer app over ``store``, to be mounted at ``/ui`` (the gateway) or served under it (``sparkle
     view``). ``scoped``: a request sees only the samples of its principal (``request.state.principal``, set by
     the gateway's API-key middleware). ``index``: the sample index (default: one in the cache folder)."""
+    background = index is None
     index = index or SampleIndex(store)
     files = _Files(store)
+
+    def fresh() -> None:
+        """The index, in step: followed from a background thread (started by the first page), or refreshed
+        here when the caller gave its own index."""
+        if background:
+            index.follow()
+        else:
+            index.refresh()
+
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["tojson_pretty"] = dumps
     templates.env.globals["ARTIFACTS"] = ARTIFACTS
@@ -168,7 +178,7 @@ def build_viewer(store: ArtifactStore, scoped: bool = False, index: SampleIndex 
 
     async def listing(request: Request, theme, state, min_score, max_score, refused, dataset, q, page) -> tuple:
         f = filters(theme, state, min_score, max_score, refused, dataset, q)
-        await asyncio.to_thread(index.refresh)
+        await asyncio.to_thread(fresh)
         return f, await asyncio.to_thread(index.page, f, page, PAGE_SIZE, owner(request))
 
     @app.get("/", response_class=HTMLResponse)
@@ -200,7 +210,7 @@ def build_viewer(store: ArtifactStore, scoped: bool = False, index: SampleIndex 
                           dataset: str | None = None, q: str | None = None):
         """The stage funnel (samples in and out of every stage) of the filtered samples, as an SVG bar chart."""
         f = filters(theme, state, min_score, max_score, refused, dataset, q)
-        await asyncio.to_thread(index.refresh)
+        await asyncio.to_thread(fresh)
         stages = await asyncio.to_thread(index.funnel, f, owner(request))
         params = {k: v for k, v in request.query_params.items() if v != ""}
         return templates.TemplateResponse(request, "funnel.html", {

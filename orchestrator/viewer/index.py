@@ -39,6 +39,7 @@ PAGE_SIZE = 50
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (key TEXT PRIMARY KEY, version TEXT NOT NULL, sid TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS files_sid ON files (sid);
 CREATE TABLE IF NOT EXISTS samples (
     id TEXT PRIMARY KEY, edit_type TEXT, state TEXT, stage TEXT, refused_stage TEXT, mean_o REAL,
     prompt TEXT, reason TEXT, dataset TEXT, owner TEXT, updated_at REAL, seconds REAL);
@@ -139,6 +140,34 @@ class SampleIndex:
 
     # --- keeping in step ---------------------------------------------------------------------------------
 
+    def follow(self, interval_s: float = 1.0) -> None:
+        """Keep in step from a background thread (started once; daemon): a refresh, then a pause of
+        ``interval_s`` or five times the last refresh's duration, whichever is longer (a LIST of 100 000
+        objects is not repeated every second). The first call refreshes before it returns, so a page never
+        shows an empty index of a full store; later pages never wait for a refresh."""
+        with self.lock:
+            started = getattr(self, "_thread", None) is not None
+            if not started:
+                self._thread, self._ready = threading.current_thread(), threading.Event()  # claimed
+        if started:
+            self._ready.wait(120)  # a concurrent first call: wait for the first refresh
+            return
+        try:
+            self.refresh(force=True)
+        finally:
+            self._ready.set()
+
+        def loop() -> None:
+            while True:
+                time.sleep(max(interval_s, 5 * self.last_refresh_s))
+                try:
+                    self.refresh(force=True)
+                except Exception:  # noqa: BLE001 - the store away for a moment: the next round retries
+                    time.sleep(interval_s)
+
+        self._thread = threading.Thread(target=loop, name="sparkle-viewer-index", daemon=True)
+        self._thread.start()
+
     def refresh(self, force: bool = False) -> int:
         """Re-read the job documents and reports that changed since the last refresh; returns how many samples
         were (re)indexed. Concurrent callers do not queue: one refreshes, the others return 0 at once."""
@@ -237,10 +266,10 @@ class SampleIndex:
         """Per stage, in journey order: ``{"stage", "name", "in", "out"}`` over the samples ``filters`` keep."""
         where, args = filters.where(owner)
         with self.lock:
+            keep = f"WHERE d.sid IN (SELECT id FROM samples{where}) " if where else ""
             rows = self.db.execute(
-                "SELECT d.stage, d.name, COUNT(*), SUM(d.accepted) FROM decisions d "
-                f"WHERE d.sid IN (SELECT id FROM samples{where}) GROUP BY d.stage, d.name "
-                "ORDER BY d.stage, MIN(d.rowid)", args).fetchall()
+                f"SELECT d.stage, d.name, COUNT(*), SUM(d.accepted) FROM decisions d {keep}"
+                "GROUP BY d.stage, d.name ORDER BY d.stage, MIN(d.rowid)", args).fetchall()
         return [{"stage": s, "name": n, "in": i, "out": o or 0} for s, n, i, o in rows]
 
     def counts(self, column: str, owner: str | None = None) -> dict[str, int]:

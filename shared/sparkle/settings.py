@@ -74,6 +74,11 @@ class DistributedSettings(BaseSettings):
     webhook_backoff_max_s: float = Field(600.0, gt=0, description="longest redelivery delay, seconds")
     webhook_timeout_s: float = Field(10.0, gt=0, description="HTTP time-out of one delivery, seconds")
 
+    def webhook_key(self) -> str | None:
+        """The webhook master signing key, or None when it is unset or empty (compose passes ``""``)."""
+        key = self.webhook_signing_key.get_secret_value().strip() if self.webhook_signing_key else ""
+        return key or None
+
     def s3_credentials(self) -> tuple[str, str]:
         """(access key, secret key): from the ``*_file`` settings when given, else the values. Raises ConfigError
         for a missing or empty file."""
