@@ -37,11 +37,15 @@ $(VENV)/.installed-all: pyproject.toml $(VENV)/.installed
 demo: install
 	$(BIN)/sparkle replace $(CLIP) "$(PROMPT)" --background $(BACKGROUND) -o $(OUT)
 	$(BIN)/sparkle contact-sheet $(OUT)
+	@echo "look at it in the browser: $(BIN)/sparkle view $(OUT)   (http://127.0.0.1:8090/ui/)"
 
-# The S3-store tests start their own redis-server (Debian's package) on a free port.
+# The S3-store tests start their own redis-server (Debian's package) on a free port; the viewer's tests drive
+# Debian's chromium headless (Playwright's own browser download cannot work here).
 test: install-all
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  apt-get install -y -qq redis-server >/dev/null; } || echo "warning: redis-server missing (apt-get install redis-server)"
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  apt-get install -y -qq chromium >/dev/null; } || echo "warning: chromium missing (apt-get install chromium)"
 	$(BIN)/python -m pytest -q
 
 # The chaos test alone, with its recovery figures printed (make test runs it too).

@@ -13,8 +13,14 @@
   const frameLabel = document.getElementById("frame");
   const fps = parseFloat((document.getElementById("mask") || {}).dataset?.fps || "16");
   if (master) {
-    master.addEventListener("play", () => followers.forEach((v) => v.play().catch(() => {})));
-    master.addEventListener("pause", () => followers.forEach((v) => v.pause()));
+    master.addEventListener("play", () => {
+      followers.forEach((v) => v.play().catch(() => {}));
+      if (playButton) playButton.textContent = "pause";
+    });
+    master.addEventListener("pause", () => {
+      followers.forEach((v) => v.pause());
+      if (playButton) playButton.textContent = "play";
+    });
     master.addEventListener("seeked", () => followers.forEach((v) => { v.currentTime = master.currentTime; }));
     setInterval(() => {
       followers.forEach((v) => {
@@ -22,10 +28,7 @@
         if (!master.paused && v.paused) v.play().catch(() => {});
       });
     }, 400);
-    if (playButton) playButton.addEventListener("click", () => {
-      if (master.paused) { master.play(); playButton.textContent = "pause"; }
-      else { master.pause(); playButton.textContent = "play"; }
-    });
+    if (playButton) playButton.addEventListener("click", () => { if (master.paused) master.play(); else master.pause(); });
   }
 
   // --- the mask: np.packbits of the flattened (T, H, W) bool array, big-endian bits -----------------------
