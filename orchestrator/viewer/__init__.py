@@ -122,7 +122,7 @@ class _Files:
             if not path.is_file():
                 raise KeyError(key)
             return path
-        version = self.store.list_versions(str(PurePosixPath(key).parent)).get(key)
+        version = self.store.version(key)
         if version is None:
             raise KeyError(key)
         dest = self.cache / (hashlib.sha256(f"{key}\0{version}".encode()).hexdigest()[:32] + PurePosixPath(key).suffix)

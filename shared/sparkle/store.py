@@ -81,6 +81,10 @@ class ArtifactStore(ABC):
         re-read only what changed."""
 
     @abstractmethod
+    def version(self, key: str) -> str | None:
+        """The version tag of one key (as :meth:`list_versions` gives it), or None when it is absent."""
+
+    @abstractmethod
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many."""
 
@@ -265,6 +269,13 @@ class LocalStore(ArtifactStore):
                         continue
                     out[Path(e.path).relative_to(self.root).as_posix()] = f"{st.st_mtime_ns}:{st.st_size}"
         return out
+
+    def version(self, key: str) -> str | None:
+        try:
+            st = self.path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return f"{st.st_mtime_ns}:{st.st_size}"
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list_keys(prefix)

@@ -228,6 +228,16 @@ class S3Store(ArtifactStore):
         return {o.object_name[len(self.prefix):]: (o.etag or "") + f":{o.size}"
                 for o in self.client.list_objects(self.bucket, prefix=base, recursive=True) if not o.is_dir}
 
+    def version(self, key: str) -> str | None:
+        """The ETag and size of one object (a HEAD request), or None when it is absent."""
+        try:
+            st = self.client.stat_object(self.bucket, self.object_name(key))
+        except S3Error as err:
+            if err.code in _MISSING:
+                return None
+            raise
+        return (st.etag or "") + f":{st.size}"
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix`` (folder or single key, as :meth:`list_keys`); returns how many.
         Raises ValueError on an empty prefix (as LocalStore does), never emptying the whole store."""
