@@ -323,3 +323,22 @@ def test_the_viewer_serves_an_s3_stores_artifacts_with_range_requests(settings, 
     store.put_bytes(key, b"changed")
     assert client.get(url).content == b"changed"
     assert [s["id"] for s in client.get("/ui/api/samples").json()["samples"]] == [sid]
+
+
+def test_a_folder_made_before_job_documents_is_listed_from_its_reports(tmp_path):
+    from sparkle.orchestrator.pipeline import summary
+
+    store = LocalStore(tmp_path / "s")
+    sid = layout.sample_id("style", 3)
+    task = SampleTask(id=sid, edit_type="style", prompt="Turn it into a watercolour", source_key="x.mp4",
+                      status="rejected", reason="stage 5 (synthesis): mean O_score 6.50 < 8", decisions=[
+                          StageDecision(stage=0, name="ingest", accepted=True, reason="ok", seconds=1.0),
+                          StageDecision(stage=5, name="synthesis", accepted=False, reason="mean O_score 6.50 < 8",
+                                        scores={"mean_O_score": 6.5}, seconds=3.0)])
+    store.put_json(layout.report("style", sid), summary(task))
+    client = TestClient(_mounted(build_viewer(store, index=SampleIndex(store, ":memory:", min_interval_s=0))))
+    (row,) = client.get("/ui/api/samples").json()["samples"]
+    assert (row["id"], row["state"], row["refused_stage"], row["mean_o"], row["seconds"]) == \
+        (sid, "rejected", "synthesis", 6.5, 4.0)
+    page = client.get(f"/ui/samples/{sid}").text
+    assert "mean O_score 6.50 &lt; 8" in page and "not kept (rejected)" in page

@@ -14,7 +14,8 @@ give the state, the refusal stage and the scores.
 ``reports/`` (:meth:`~sparkle.store.ArtifactStore.list_versions`: a ``stat`` per file, or a LIST per 1 000
 objects), and re-reads only the documents whose tag changed; documents that disappeared drop their sample.
 The database lives in a cache folder, not in the dataset (``$SPARKLE_VIEWER_CACHE``, default
-``~/.cache/sparkle-factory/viewer/``, one file per store), so a restart re-reads nothing that did not change.
+``~/.cache/sparkle-factory/viewer/``, or the temporary folder where the home is read-only: the gateway's pod;
+one file per store), so a restart re-reads nothing that did not change.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -59,6 +61,10 @@ def cache_path(store: ArtifactStore) -> Path:
     """The index file of ``store``: ``$SPARKLE_VIEWER_CACHE`` (default ``~/.cache/sparkle-factory/viewer``) /
     SHA-256 of the store's description (its folder, or bucket and prefix) + ``.sqlite``."""
     root = Path(os.environ.get("SPARKLE_VIEWER_CACHE") or Path.home() / ".cache" / "sparkle-factory" / "viewer")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (a container's root filesystem): the temporary folder
+        root = Path(tempfile.gettempdir()) / "sparkle-viewer"
     where = str(getattr(store, "root", None) or repr(store))
     return root / (hashlib.sha256(where.encode()).hexdigest()[:24] + ".sqlite")
 
