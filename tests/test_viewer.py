@@ -104,7 +104,7 @@ def test_a_replaced_sample_plays_in_sync_with_its_mask_drawn_and_its_records_sho
         return page.evaluate("[document.getElementById('source').currentTime, "
                              "document.getElementById('edited_video').currentTime]")
     first = wait_for(lambda: (t := times())[0] > 0.2 and t[1] > 0.2 and t, what="videos to start")
-    time.sleep(1.0)
+    time.sleep(2.0)
     later = times()
     assert later[0] > first[0] + 0.3 and later[1] > first[1] + 0.3, (first, later)
     assert abs(later[0] - later[1]) < 0.3, later
