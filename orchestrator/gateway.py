@@ -471,8 +471,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
 VIEWER_COOKIE = "sparkle_api_key"
 
 _LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sparkle Factory: API key</title>
-<style>body{font:14px/1.4 system-ui,sans-serif;margin:0}header{background:#222;color:#eee;padding:.6em 1.2em}
-main{padding:1em 1.2em}.refused{color:#b3261e}</style><link rel="icon" href="data:,"></head><body>
+<style>body{{font:14px/1.4 system-ui,sans-serif;margin:0}}header{{background:#222;color:#eee;padding:.6em 1.2em}}
+main{{padding:1em 1.2em}}.refused{{color:#b3261e}}</style><link rel="icon" href="data:,"></head><body>
 <header><span class="brand">Sparkle Factory gateway</span></header><main><h1>API key</h1>
 <p>The viewer is behind the gateway's API keys (the key you send as <code>X-API-Key</code>).</p>
 <p class="refused">{error}</p><form method="post" action="/ui/login"><input type="hidden" name="next" value="{next}">
