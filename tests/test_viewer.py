@@ -223,6 +223,8 @@ def test_the_list_filters_pages_and_follows_the_store(tmp_path):
     refused = client.get("/ui/api/samples", params={"refused": "frame0_edit"}).json()
     assert refused["total"] == 15 and {s["dataset"] for s in refused["samples"]} == {"d1"}
     assert client.get("/ui/api/samples", params={"q": "season_000003"}).json()["total"] == 1
+    assert client.get("/ui/api/samples", params={"q": "PROMPT OF sparkle_time"}).json()["total"] == 15
+    assert client.get("/ui/api/samples", params={"q": "00"}).json()["total"] == 101  # under 3 characters: a scan
     assert client.get("/ui/api/samples", params={"theme": "nope"}).status_code == 422
     html = client.get("/ui/", params={"theme": "season", "page": 1}).text
     assert "25 samples, page 1 of 1" in html and "Sparkle_location_" not in html

@@ -54,7 +54,10 @@ CREATE INDEX IF NOT EXISTS samples_owner ON samples (owner, updated_at DESC);
 CREATE INDEX IF NOT EXISTS samples_score ON samples (mean_o);
 CREATE TABLE IF NOT EXISTS decisions (sid TEXT, stage INTEGER, name TEXT, accepted INTEGER);
 CREATE INDEX IF NOT EXISTS decisions_sid ON decisions (sid);
+CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5(body, tokenize='trigram');
 """
+SCHEMA_VERSION = 2
+"""Bumped when the schema changes: an index file of another version is rebuilt from the store."""
 
 
 def cache_path(store: ArtifactStore) -> Path:
@@ -95,7 +98,8 @@ def row_of(doc: dict) -> dict:
 @dataclass
 class Filters:
     """What the list shows: ``theme`` (edit_type), ``state``, ``min_score``/``max_score`` (mean ``O_score``,
-    0..10), ``refused_stage`` (stage name), ``dataset``, ``q`` (a substring of the id or the prompt)."""
+    0..10), ``refused_stage`` (stage name), ``dataset``, ``q`` (a substring of the id or the prompt,
+    case-insensitive; from 3 characters on through a trigram index)."""
 
     theme: str | None = None
     state: str | None = None
@@ -118,7 +122,10 @@ class Filters:
         if self.max_score is not None:
             clauses.append("mean_o <= ?")
             args.append(self.max_score)
-        if self.q:
+        if self.q and len(self.q) >= 3:  # the trigram index (SQLite FTS5): a substring, case-insensitive
+            clauses.append("rowid IN (SELECT rowid FROM texts WHERE body LIKE ?)")
+            args.append(f"%{self.q}%")
+        elif self.q:  # too short for trigrams: a scan
             clauses.append("(id LIKE ? OR prompt LIKE ?)")
             args += [f"%{self.q}%"] * 2
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
@@ -138,7 +145,11 @@ class SampleIndex:
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            for table in ("files", "samples", "decisions", "texts"):
+                self.db.execute(f"DROP TABLE IF EXISTS {table}")
         self.db.executescript(_SCHEMA)
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.lock = threading.Lock()
         self.refresh_lock = threading.Lock()
         self.last_refresh = 0.0
@@ -234,16 +245,22 @@ class SampleIndex:
                 for key in gone:
                     self.db.execute("DELETE FROM files WHERE key = ?", (key,))
                 for sid, keys, doc in batch:
+                    old = self.db.execute("SELECT rowid FROM samples WHERE id = ?", (sid,)).fetchone()
+                    if old is not None:
+                        self.db.execute("DELETE FROM texts WHERE rowid = ?", old)
                     self.db.execute("DELETE FROM samples WHERE id = ?", (sid,))
                     self.db.execute("DELETE FROM decisions WHERE sid = ?", (sid,))
                     self.db.execute("DELETE FROM files WHERE sid = ?", (sid,))
                     if doc is None:
                         continue
                     row = row_of(doc)
-                    self.db.execute("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                                    (row["id"], row["edit_type"], row["state"], row["stage"], row["refused_stage"],
-                                     row["mean_o"], row["prompt"], row["reason"], row["dataset"], row["owner"],
-                                     row["updated_at"], row["seconds"]))
+                    cur = self.db.execute("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                                          (row["id"], row["edit_type"], row["state"], row["stage"],
+                                           row["refused_stage"], row["mean_o"], row["prompt"], row["reason"],
+                                           row["dataset"], row["owner"], row["updated_at"], row["seconds"]))
+                    # the text search's trigram index, row for row with the sample (same rowid)
+                    self.db.execute("INSERT INTO texts (rowid, body) VALUES (?, ?)",
+                                    (cur.lastrowid, f"{row['id']}\n{row['prompt']}"))
                     self.db.executemany("INSERT INTO decisions VALUES (?,?,?,?)",
                                         [(sid, s, n, int(a)) for s, n, a in row["decisions"]])
                     self.db.executemany("INSERT INTO files VALUES (?,?,?)", [(k, v, sid) for k, v in keys.items()])
