@@ -110,22 +110,30 @@ def test_the_server_refuses_more_images_than_its_limit_and_the_adapter_never_sen
 
 
 def test_concurrent_requests_reach_vllm_together(servers, sample):
-    """The service lets ``max_concurrency`` (8) requests through at once and vLLM batches them: its own
-    ``/metrics`` shows more than one request running at a time (sampled as fast as it answers)."""
+    """The service lets ``max_concurrency`` (8) requests through at once: vLLM's own ``/metrics`` shows more
+    than one of them inside the engine at a time, running or waiting for the scheduler (sampled as fast as it
+    answers). A service that sent them one by one never shows more than one. (Whether the CPU engine then
+    runs two prefills of 16 images in one step is its scheduler's choice, and on a loaded 2-core CI machine it
+    sometimes did not: counting only ``num_requests_running`` failed a CI run once.)"""
     from sparkle.services.grounding import real
     from sparkle.services.grounding.app import API
 
     store, ref, _ = sample
     backend = real.make_backend(url=servers["grounding"].url, startup_timeout_s=60)
-    running, stop = [], threading.Event()
+    running, inside, stop = [], [], threading.Event()
+
+    def gauge(text: str, name: str) -> float | None:
+        m = re.search(rf"^vllm:{name}\{{[^}}]*\}} ([0-9.]+)", text, re.MULTILINE)
+        return float(m.group(1)) if m else None
 
     def watch():
         with httpx.Client(timeout=5) as http:
             while not stop.is_set():
                 text = http.get(servers["grounding"].url.removesuffix("/v1") + "/metrics").text
-                m = re.search(r"^vllm:num_requests_running\{[^}]*\} ([0-9.]+)", text, re.MULTILINE)
-                if m:
-                    running.append(float(m.group(1)))
+                r, w = gauge(text, "num_requests_running"), gauge(text, "num_requests_waiting")
+                if r is not None:
+                    running.append(r)
+                    inside.append(r + (w or 0.0))
 
     with TestClient(build_app(API(backend, store), SETTINGS)) as client, ThreadPoolExecutor(8) as pool:
         watcher = threading.Thread(target=watch)
@@ -142,8 +150,9 @@ def test_concurrent_requests_reach_vllm_together(servers, sample):
             stop.set()
             watcher.join()
     assert [a.status_code for a in answers] == [200] * 24
-    print(f"\nvLLM requests running at once: at most {max(running, default=0):g} ({len(running)} samples)")
-    assert running and max(running) > 1, f"at most {max(running, default=0)} request(s) running at once"
+    print(f"\nvLLM requests at once: at most {max(running, default=0):g} running, "
+          f"{max(inside, default=0):g} running or waiting ({len(running)} samples)")
+    assert inside and max(inside) > 1, f"at most {max(inside, default=0)} request(s) in vLLM at once"
 
 
 def test_vllm_sees_the_prompt_the_in_process_processor_builds(servers):
