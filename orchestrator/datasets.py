@@ -375,7 +375,7 @@ def dataset_tick(celery_app, store: ArtifactStore, did: str, window: int | None 
                 counts[job["state"]] = counts.get(job["state"], 0) + 1
                 # A worker killed between the terminal job and dropping the staging area leaves it behind; a
                 # failed sample keeps its staging area for a retry (the dead-letter list).
-                if not store.exists(failures.failure_key(sid)):
+                if job["state"] != "failed":
                     store.delete_prefix(staging_prefix(sid))
                 report_key = layout.report(job["edit_type"], sid)
                 if store.exists(report_key):

@@ -76,19 +76,15 @@ def retry(celery_app, store: ArtifactStore, sid: str, owner: str | None = None) 
         if cp is None or not entry.get("retryable", True):
             raise NotRetryable(f"job {sid} failed at {entry['stage']} and kept nothing to re-run from "
                                f"({entry['reason']}); submit it again")
-        cp.retries += 1
-        cp.sent = False
+        was_cp, was_job = cp.model_copy(deep=True), jobs.read_job(store, sid)
+        cp.retries, cp.sent, cp.failed = cp.retries + 1, False, False
         jobs.save_checkpoint(store, cp)
         doc = jobs.write_job(store, cp, "queued", cp.next)
         try:
             journey.send_stage(celery_app, sid, cp.next)
-        except Exception:
-            cp.retries -= 1
-            jobs.save_checkpoint(store, cp)
-            failed = cp.model_copy(deep=True)
-            failed.task.status, failed.task.failed_stage = "failed", entry["stage"]
-            failed.task.reason = f"{entry['stage']}: {entry['reason']}"
-            jobs.write_job(store, failed, "failed", entry["stage"])
+        except Exception:  # the broker refused: the failed journey and its job document as they were
+            jobs.save_checkpoint(store, was_cp)
+            store.put_json(jobs.job_key(sid), was_job)
             raise
         if cp.dataset:  # back in its dataset's window (the tick collects it when it ends again)
             datasets.reopen(store, cp.dataset, sid)

@@ -63,6 +63,8 @@ class Checkpoint(BaseModel):
     owner: str = Field("", description="the principal (API key hash) that submitted it; '' on an open gateway")
     callback_url: str | None = Field(None, description="webhook: POSTed the job document on each terminal state")
     retries: int = Field(0, description="re-drives of the journey after a terminal failure (`sparkle retry`)")
+    failed: bool = Field(False, description="the journey failed at `next` and waits in the dead-letter list: no "
+                         "message moves it until `sparkle retry` clears this")
 
 
 def load_checkpoint(store: ArtifactStore, sid: str) -> Checkpoint | None:

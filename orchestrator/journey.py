@@ -114,7 +114,7 @@ def resume_journey(celery_app, store: ArtifactStore, sid: str) -> bool:
     journey was still there to resume. A duplicate message is harmless: the stage worker runs a stage only
     while holding the sample's lease and only if the checkpoint names it next."""
     cp = jobs.load_checkpoint(store, sid)
-    if cp is None or store.exists(failures.failure_key(sid)):  # over, or failed and kept for `sparkle retry`
+    if cp is None or cp.failed:  # over, or failed and kept for `sparkle retry`
         return False
     send_stage(celery_app, sid, cp.next)
     return True
@@ -153,7 +153,7 @@ def _dead_letter(celery_app, cp: jobs.Checkpoint, env: StageEnv, stage: str, fai
     stays; the report and the job document say ``failed`` with the stage and the reason; the dead-letter entry
     lists it. Nothing enters the layout."""
     fail(failed, env, stage, reason, funnel=False)
-    cp.next, cp.sent = stage, False
+    cp.next, cp.sent, cp.failed = stage, False, True
     jobs.save_checkpoint(env.store, cp)
     shown = cp.model_copy(update={"task": failed})
     doc = jobs.write_job(env.store, shown, "failed", stage)
@@ -174,7 +174,7 @@ def advance(celery_app, io: ArtifactIO, sample_id: str, stage: str, wait_s: floa
     cp = jobs.load_checkpoint(store, sample_id)
     if cp is None:
         return {"id": sample_id, "skipped": "the journey is over"}
-    if store.exists(failures.failure_key(sample_id)):
+    if cp.failed:
         return {"id": sample_id, "skipped": "the journey failed and waits for a retry (sparkle retry)"}
     if stage != cp.next:
         if cp.sent:
@@ -215,7 +215,7 @@ def fail_journey(celery_app, io: ArtifactIO, sample_id: str, stage: str, reason:
     cp = jobs.load_checkpoint(io.store, sample_id)
     if cp is None:
         return {"id": sample_id, "skipped": "the journey is over"}
-    if io.store.exists(failures.failure_key(sample_id)):
+    if cp.failed:
         return {"id": sample_id, "skipped": "already failed"}
     try:
         env = stage_env(io, cp.config, wait_s, celery_app)

@@ -1158,3 +1158,24 @@ def test_retrying_a_job_that_did_not_fail_is_a_409_and_failures_are_per_key(make
     assert r.status_code == 409 and "dead-letter" in r.json()["detail"]
     assert gw.client.post(f"/v1/jobs/{sid}/retry", headers={"X-API-Key": "k2"}).status_code == 404
     assert gw.client.get("/v1/failures", headers=a).json() == {"failures": [], "count": 0}
+
+
+def test_a_retry_the_broker_refuses_leaves_the_failure_as_it_was(make_gateway, gw_settings):
+    """503, and the job is still failed, listed and retryable: its checkpoint and job document are put back."""
+    from sparkle.orchestrator import failures
+    from sparkle.orchestrator.pipeline import SampleTask
+
+    gw = make_gateway(celery_app=dead_broker_app(gw_settings), raise_server_exceptions=False)
+    sid = layout.sample_id("location", 3)
+    task = SampleTask(id=sid, edit_type="location", prompt=SNOW_PROMPT, source_key="x.mp4", status="failed",
+                      failed_stage="bait", reason="bait: ServiceRejected: tracking: HTTP 422")
+    cp = jobs.Checkpoint(task=task, config={}, next="bait", submitted_at=time.time(), failed=True)
+    jobs.save_checkpoint(gw.store, cp)
+    before = jobs.write_job(gw.store, cp, "failed", "bait")
+    failures.record_failure(gw.store, cp, "bait", "ServiceRejected: tracking: HTTP 422")
+
+    assert gw.client.post(f"/v1/jobs/{sid}/retry").status_code == 503
+    assert jobs.read_job(gw.store, sid) == before
+    kept = jobs.load_checkpoint(gw.store, sid)
+    assert kept.failed and kept.retries == 0 and kept.next == "bait"
+    assert [e["id"] for e in gw.client.get("/v1/failures").json()["failures"]] == [sid]
