@@ -34,7 +34,6 @@ import asyncio
 import hashlib
 import html
 import json
-import secrets
 import shutil
 import tempfile
 import time
@@ -51,11 +50,11 @@ from sparkle import layout
 from sparkle.backends import MAX_KEYWORD_CHARS
 from sparkle.config import PipelineConfig, distributed_config
 from sparkle.errors import InputError, TooLarge
-from sparkle.serving import ApiKeyAuth, BodyLimit
+from sparkle.serving import ApiKeyAuth, BodyLimit, key_matches
 
-from sparkle.webhooks import REPLAY_WINDOW_S, check_callback_url, signing_secret
+from sparkle.webhooks import REPLAY_WINDOW_S, check_callback_url, public_record, read_record, signing_secret
 
-from . import datasets, failures, jobs, journey, webhooks
+from . import datasets, failures, jobs, journey
 from .viewer import build_viewer
 from sparkle.settings import DistributedSettings
 
@@ -222,7 +221,7 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         if doc.get("owner", "") != who:
             raise HTTPException(404, f"no job {job_id!r}")
         if doc.get("callback_url"):
-            doc["webhook"] = webhooks.public_record(webhooks.read_record(store, "job", job_id))
+            doc["webhook"] = public_record(read_record(store, "job", job_id))
         return _public(doc)
 
     async def checked_callback(url: str | None) -> str | None:
@@ -455,9 +454,8 @@ def build_gateway(settings: DistributedSettings | None = None, store=None, celer
         """Check the key of the login form, then keep it in an HttpOnly cookie and go on to ``next``."""
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         key, target = (form.get("key") or [""])[0], _safe_next((form.get("next") or ["/ui/"])[0])
-        if not keys or not any(secrets.compare_digest(key.encode(), k.encode()) for k in keys):
-            if keys:
-                return HTMLResponse(_LOGIN_PAGE.format(next=html.escape(target), error="wrong API key"), 401)
+        if keys and not key_matches(key.encode(), [k.encode() for k in keys]):
+            return HTMLResponse(_LOGIN_PAGE.format(next=html.escape(target), error="wrong API key"), 401)
         response = RedirectResponse(target, status_code=303)
         if keys:
             response.set_cookie(VIEWER_COOKIE, key, httponly=True, samesite="strict", path="/ui",

@@ -25,34 +25,12 @@ import time
 from sparkle.errors import InputError
 from sparkle.settings import DistributedSettings
 from sparkle.store import ArtifactStore
-from sparkle.webhooks import body_of, check_callback_url, event_id, signed_headers, signing_secret
+from sparkle.webhooks import (body_of, check_callback_url, event_id, read_record, record_key, signed_headers,
+                              signing_secret)
 
 from .celery_app import SparkleTask, app
 
 log = logging.getLogger("sparkle.webhooks")
-
-
-def record_key(kind: str, ident: str) -> str:
-    """Where the deliveries of a job (``kind`` ``job``) or a dataset (``dataset``) are recorded."""
-    if kind == "job":
-        return f"jobs/webhooks/{ident}.json"
-    if kind == "dataset":
-        return f"datasets/{ident}/webhook.json"
-    raise ValueError(kind)
-
-
-def read_record(store: ArtifactStore, kind: str, ident: str) -> dict | None:
-    """``{"url", "events": [{"id", "state", "document", "attempts": [...], "delivered_at", "gave_up"}]}``, or None."""
-    key = record_key(kind, ident)
-    return store.get_json(key) if store.exists(key) else None
-
-
-def public_record(record: dict | None) -> dict | None:
-    """The record as the API shows it: the events without the documents they carried."""
-    if record is None:
-        return None
-    return {"url": record["url"], "events": [{k: v for k, v in e.items() if k != "document"}
-                                             for e in record["events"]]}
 
 
 def notify(celery_app, store: ArtifactStore, kind: str, ident: str, url: str, owner: str, state: str,
@@ -74,8 +52,7 @@ def notify(celery_app, store: ArtifactStore, kind: str, ident: str, url: str, ow
     return msg_id
 
 
-def deliver(store: ArtifactStore, settings: DistributedSettings, kind: str, ident: str, msg_id: str,
-            attempt_limit: int | None = None) -> float | None:
+def deliver(store: ArtifactStore, settings: DistributedSettings, kind: str, ident: str, msg_id: str) -> float | None:
     """One delivery attempt of event ``msg_id``, recorded. Returns None when there is nothing more to do
     (delivered now or before, given up, or a URL no longer allowed), else the seconds to wait before the next
     attempt (back-off with full jitter)."""
@@ -91,7 +68,7 @@ def deliver(store: ArtifactStore, settings: DistributedSettings, kind: str, iden
     body = body_of(event["document"])
     started = time.time()
     attempt = {"attempt": len(event["attempts"]) + 1, "at": started, "status": None, "error": None}
-    retry = True
+    delivered = final = False
     try:
         if not master:
             raise PermissionError("SPARKLE_WEBHOOK_SIGNING_KEY is not set on this worker: nothing can be signed")
@@ -102,29 +79,26 @@ def deliver(store: ArtifactStore, settings: DistributedSettings, kind: str, iden
         answer = httpx.post(url, content=body, headers=headers, timeout=settings.webhook_timeout_s,
                             follow_redirects=False)
         attempt["status"] = answer.status_code
-        if 200 <= answer.status_code < 300:
-            retry = False
-        else:
+        delivered = 200 <= answer.status_code < 300
+        if not delivered:
             attempt["error"] = f"HTTP {answer.status_code}: {answer.text[:200]}"
     except (httpx.HTTPError, OSError) as exc:
         attempt["error"] = f"{exc.__class__.__name__}: {exc}"
     except (PermissionError, ValueError, InputError) as exc:  # not allowed (any more), or not signable: no retry helps
-        attempt["error"], retry = f"{exc.__class__.__name__}: {exc}", False
+        attempt["error"], final = f"{exc.__class__.__name__}: {exc}", True
     attempt["seconds"] = round(time.time() - started, 3)
     with store.lock(f"webhook-{kind}-{ident}"):
         record = read_record(store, kind, ident)
         event = next(e for e in record["events"] if e["id"] == msg_id)
         event["attempts"].append(attempt)
-        limit = attempt_limit or settings.webhook_max_attempts
-        if attempt["status"] is not None and 200 <= attempt["status"] < 300:
+        if delivered:
             event["delivered_at"] = time.time()
-        elif not retry or len(event["attempts"]) >= limit:
+        elif final or len(event["attempts"]) >= settings.webhook_max_attempts:
             event["gave_up"] = True
-        store.put_json(key, record)
-    if event["delivered_at"] or event["gave_up"]:
-        if event["gave_up"]:
             log.warning("webhook %s of %s %s: gave up after %d attempts: %s", msg_id, kind, ident,
                         len(event["attempts"]), attempt["error"])
+        store.put_json(key, record)
+    if delivered or event["gave_up"]:
         return None
     n = len(event["attempts"]) - 1
     return random.uniform(0, min(settings.webhook_backoff_max_s, settings.webhook_backoff_s * 2 ** n))

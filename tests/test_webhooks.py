@@ -17,7 +17,8 @@ from sparkle.errors import InputError
 from sparkle.orchestrator import webhooks as delivery
 from sparkle.settings import DistributedSettings
 from sparkle.store import LocalStore
-from sparkle.webhooks import body_of, check_callback_url, event_id, signed_headers, signing_secret, verify
+from sparkle.webhooks import (body_of, check_callback_url, event_id, public_record, read_record, signed_headers,
+                              signing_secret, verify)
 from tests.loopback import LoopbackServer
 
 MASTER = "test-master-signing-key"
@@ -92,7 +93,7 @@ def test_a_delivery_is_signed_retried_after_a_500_and_never_repeated(tmp_path):
         assert delivery.notify(app, store, "job", doc["id"], rx.url, owner, "accepted", doc) == msg
         assert len(app.sent) == 1 and len(rx.requests) == 2
 
-    record = delivery.public_record(delivery.read_record(store, "job", doc["id"]))
+    record = public_record(read_record(store, "job", doc["id"]))
     (event,) = record["events"]
     assert [a["status"] for a in event["attempts"]] == [500, 200] and event["delivered_at"]
     assert "HTTP 500" in event["attempts"][0]["error"] and "document" not in event
@@ -122,7 +123,7 @@ def test_a_receiver_that_keeps_failing_is_given_up_after_the_attempt_limit(tmp_p
         waits = [delivery.deliver(store, settings, "dataset", "d1", msg) for _ in range(4)]
         assert waits[0] is not None and waits[1] is not None and waits[2] is None and waits[3] is None
         assert len(rx.requests) == 3
-    (event,) = delivery.read_record(store, "dataset", "d1")["events"]
+    (event,) = read_record(store, "dataset", "d1")["events"]
     assert event["gave_up"] and not event["delivered_at"] and len(event["attempts"]) == 3
 
 
@@ -145,5 +146,5 @@ def test_a_url_refused_at_delivery_time_is_not_retried(tmp_path):
     store, settings, app = LocalStore(tmp_path / "s"), _settings(), SentTasks()
     msg = delivery.notify(app, store, "job", "Sparkle_time_000002", "http://169.254.169.254/x", "", "failed", {})
     assert delivery.deliver(store, settings, "job", "Sparkle_time_000002", msg) is None
-    (event,) = delivery.read_record(store, "job", "Sparkle_time_000002")["events"]
+    (event,) = read_record(store, "job", "Sparkle_time_000002")["events"]
     assert event["gave_up"] and "link-local" in event["attempts"][0]["error"]

@@ -42,6 +42,7 @@ from fastapi.templating import Jinja2Templates
 
 from sparkle import layout
 from sparkle.store import ArtifactStore, LocalStore, staging_prefix
+from sparkle.webhooks import public_record, read_record
 
 from .index import PAGE_SIZE, STATES, Filters, SampleIndex, dumps
 
@@ -98,7 +99,7 @@ def sample_detail(store: ArtifactStore, sid: str) -> dict | None:
             "fps": rep.get("fps") or base.get("fps") or task.get("fps") or 16.0,
             "shape": rep.get("shape") or base.get("shape") or task.get("shape"),
             "dataset": base.get("dataset"), "owner": base.get("owner", ""), "updated_at": base.get("updated_at"),
-            "retries": base.get("retries", 0), "webhook": _json(store, f"jobs/webhooks/{sid}.json")}
+            "retries": base.get("retries", 0), "webhook": public_record(read_record(store, "job", sid))}
 
 
 def _json(store: ArtifactStore, key: str) -> dict | None:

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from .errors import InputError
+from .store import ArtifactStore
 
 REPLAY_WINDOW_S = 300
 """How old (or how far in the future) a ``webhook-timestamp`` may be: ``standardwebhooks``' tolerance (5 min)."""
@@ -104,3 +105,30 @@ def check_callback_url(url: str, allow_link_local: bool = False) -> str:
             raise InputError(f"callback_url {url!r} resolves to {address}, a link-local or metadata address; "
                              "set SPARKLE_WEBHOOK_ALLOW_LINK_LOCAL=true to allow it")
     return url
+
+
+# --- the delivery record (written by the orchestrator's webhook task, read by the gateway and the viewer) -------
+
+def record_key(kind: str, ident: str) -> str:
+    """Where the deliveries of a job (``kind`` ``job``) or a dataset (``dataset``) are recorded."""
+    if kind == "job":
+        return f"jobs/webhooks/{ident}.json"
+    if kind == "dataset":
+        return f"datasets/{ident}/webhook.json"
+    raise ValueError(kind)
+
+
+def read_record(store: ArtifactStore, kind: str, ident: str) -> dict | None:
+    """``{"url", "owner", "events": [{"id", "state", "type", "document", "attempts": [...], "delivered_at",
+    "gave_up"}]}``, or None."""
+    key = record_key(kind, ident)
+    return store.get_json(key) if store.exists(key) else None
+
+
+def public_record(record: dict | None) -> dict | None:
+    """The record as the API and the viewer show it: the URL and the events with their attempts, without the
+    documents they carried or the owner."""
+    if record is None:
+        return None
+    return {"url": record["url"], "events": [{k: v for k, v in e.items() if k != "document"}
+                                             for e in record["events"]]}
