@@ -253,7 +253,7 @@ class ApiKeyAuth:
         if self.keys:
             headers = dict(scope["headers"])
             given = self._given(headers)
-            if not any(secrets.compare_digest(given, k) for k in self.keys):
+            if not key_matches(given, self.keys):
                 if self.login and scope["method"] == "GET" and b"text/html" in headers.get(b"accept", b""):
                     from urllib.parse import quote
 
@@ -266,9 +266,10 @@ class ApiKeyAuth:
         scope.setdefault("state", {})["principal"] = principal
         return await self.app(scope, receive, send)
 
-    def valid(self, key: str) -> bool:
-        """Whether ``key`` is one of the keys (always True without keys)."""
-        return not self.keys or any(secrets.compare_digest(key.encode(), k) for k in self.keys)
+
+def key_matches(given: bytes, keys: list[bytes]) -> bool:
+    """Whether ``given`` is one of ``keys`` (constant-time comparisons)."""
+    return any(secrets.compare_digest(given, k) for k in keys)
 
 
 def key_principal(key: bytes) -> str:
