@@ -103,6 +103,8 @@ def test_a_sample_failed_by_a_service_is_listed_retried_once_after_the_fix_and_p
         assert event_doc["id"] == sid and event_doc["state"] == "failed" and "owner" not in event_doc
         shown = gw.get(f"/v1/jobs/{sid}", headers=key).json()["webhook"]
         assert [a["status"] for a in shown["events"][0]["attempts"]] == [500, 200]
+        assert gw.get(f"/ui/samples/{sid}.json", headers=key).json()["webhook"] == shown  # the viewer's: the same
+        assert "owner" not in shown and "document" not in shown["events"][0]
 
         # The service is fixed: a working i2v server on the same port.
         broken.__exit__(None, None, None)
